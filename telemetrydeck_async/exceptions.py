@@ -4,7 +4,7 @@ Every error is a :class:`TelemetryDeckError`, so one ``except`` clause catches t
 
     TelemetryDeckError
     ├── ConfigurationError            (also ValueError)   bad constructor argument
-    ├── InvalidSignalError            (also ValueError)   bad signal() argument; nothing was enqueued
+    ├── InvalidSignalError            (also ValueError)   bad signal() argument; nothing queued
     ├── ClientClosedError             (also RuntimeError) the client was closed
     ├── WrongEventLoopError           (also RuntimeError) the client is bound to another loop
     ├── SpoolError                    (also OSError)      the on-disk spool could not be used

@@ -1,0 +1,159 @@
+"""The bounded in-memory queue and batch assembly. No I/O happens here.
+
+``put()`` is on the caller's hot path, so it only appends to a deque and, on the two transitions
+the flusher cares about (the queue stops being empty; a full batch is ready), sets an event.
+No task, future or timer is created per signal. Encoding happens in ``take()``, once per signal,
+inside the flusher, where a batch is cut at ``batch_size`` signals or ``max_batch_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import attrs
+
+from ._signal import Signal, encode_signal
+
+__all__ = ["Batch", "Batcher"]
+
+
+@attrs.define(eq=False)
+class Batch:
+    """Encoded signals bound for one request.
+
+    ``seq`` is the position of the first signal in the client's stream (for ``flush()``);
+    ``spool_ids`` are the spool record ids when the signals are also on disk (recovered from the
+    spool, or written ahead); ``recovered`` marks a batch read back from the spool.
+    """
+
+    bodies: list[bytes]
+    received_at: list[float]
+    seq: int = 0
+    spool_ids: list[int] | None = None
+    recovered: bool = False
+
+    def __len__(self) -> int:
+        return len(self.bodies)
+
+    def payload(self) -> bytes:
+        """The request body: a JSON array of the encoded signals."""
+        return b"[" + b",".join(self.bodies) + b"]"
+
+    def split(self) -> tuple[Batch, Batch]:
+        """Two halves, each keeping its signals' order, seq and spool ids."""
+        mid = len(self.bodies) // 2
+        ids = self.spool_ids
+        first = Batch(
+            self.bodies[:mid],
+            self.received_at[:mid],
+            self.seq,
+            None if ids is None else ids[:mid],
+            self.recovered,
+        )
+        second = Batch(
+            self.bodies[mid:],
+            self.received_at[mid:],
+            self.seq + mid,
+            None if ids is None else ids[mid:],
+            self.recovered,
+        )
+        return first, second
+
+
+@attrs.define(eq=False)
+class Batcher:
+    """A bounded FIFO of validated signals and the cutting of it into batches.
+
+    ``put_total`` and ``taken_total`` count signals in and out over the client's life; the
+    flusher compares them with a ``flush()`` target to know when everything before it left.
+    """
+
+    app_id: str
+    batch_size: int
+    max_batch_bytes: int
+    max_queue_size: int
+    #: Set when the queue becomes non-empty or a full batch is ready: wakes the flusher.
+    wakeup: asyncio.Event = attrs.field(factory=asyncio.Event)
+    #: Set while there is room in the queue: wakes callers waiting in ``await signal()``.
+    space: asyncio.Event = attrs.field(factory=asyncio.Event)
+    put_total: int = 0
+    taken_total: int = 0
+    _queue: deque[Signal] = attrs.field(factory=deque)
+    # A signal encoded by take() that did not fit in the last batch: it leads the next one.
+    _carry: tuple[bytes, float] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.space.set()
+
+    def __len__(self) -> int:
+        return len(self._queue) + (self._carry is not None)
+
+    def put(self, signal: Signal) -> bool:
+        """Append ``signal``; False (and nothing appended) when the queue is full."""
+        queue = self._queue
+        size = len(queue)
+        if size >= self.max_queue_size:
+            self.space.clear()
+            return False
+        queue.append(signal)
+        self.put_total += 1
+        if size == 0 or size + 1 == self.batch_size:
+            self.wakeup.set()
+        return True
+
+    def full_batch_ready(self) -> bool:
+        """True when at least ``batch_size`` signals wait."""
+        return len(self) >= self.batch_size
+
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest waiting signal was created (0 when empty)."""
+        if self._carry is not None:
+            oldest = self._carry[1]
+        elif self._queue:
+            oldest = self._queue[0].received_at
+        else:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - oldest)
+
+    def take(self) -> Batch | None:
+        """Cut the next batch (up to ``batch_size`` signals and ``max_batch_bytes`` bytes)."""
+        if not self:
+            return None
+        bodies: list[bytes] = []
+        received: list[float] = []
+        # Two bytes for the brackets; one comma per signal after the first.
+        budget = self.max_batch_bytes - 2
+        size = 0
+        seq = self.taken_total
+        if self._carry is not None:
+            body, at = self._carry
+            self._carry = None
+            bodies.append(body)
+            received.append(at)
+            size = len(body)
+        queue = self._queue
+        app_id = self.app_id
+        limit = self.batch_size
+        while queue and len(bodies) < limit:
+            signal = queue.popleft()
+            body = encode_signal(signal, app_id)
+            extra = len(body) + (1 if bodies else 0)
+            if bodies and size + extra > budget:
+                self._carry = (body, signal.received_at)
+                break
+            bodies.append(body)
+            received.append(signal.received_at)
+            size += extra
+        self.taken_total += len(bodies)
+        if len(queue) < self.max_queue_size:
+            self.space.set()
+        return Batch(bodies, received, seq)
+
+    def drain(self) -> list[Batch]:
+        """Everything still queued, as batches (used at shutdown to spool or account it)."""
+        batches = []
+        while (batch := self.take()) is not None:
+            batches.append(batch)
+        return batches

@@ -1,0 +1,384 @@
+"""The facade users touch: :class:`TelemetryClient`.
+
+It validates a call, builds a :class:`~._signal.Signal` and puts it in the batcher; everything
+after that belongs to the flusher. ``signal()`` does no I/O and creates no task or future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from ._batcher import Batcher
+from ._config import ClientConfig, Durability, OnDrop, OnError
+from ._flusher import Flusher
+from ._retry import RetryPolicy
+from ._signal import (
+    SDK_KEY_PREFIX,
+    PayloadValue,
+    Signal,
+    UserHasher,
+    encode_signal,
+    normalize_payload,
+    validate_float_value,
+    validate_type,
+)
+from ._stats import Accounting, FlushResult, Stats
+from ._transport import Transport
+from .exceptions import ClientClosedError, InvalidSignalError, WrongEventLoopError
+
+__all__ = ["TelemetryClient"]
+
+_UNSET: Any = object()
+
+
+class TelemetryClient:
+    """An asyncio client for the TelemetryDeck Ingest API v2.
+
+    Signals are validated at once, queued in memory, and sent by one background task in
+    JSON-array batches (on ``batch_size`` signals, ``max_batch_bytes`` bytes or every
+    ``flush_interval`` seconds), retried with backoff on failure. Use it as an async context
+    manager, or call ``aclose()`` when done::
+
+        async with TelemetryClient("APP-ID", namespace="com.example") as td:
+            await td.signal("Checkout.Payment.completed", client_user="user-42")
+
+    Args:
+        app_id: the app ID from the TelemetryDeck dashboard.
+        namespace: your organisation's namespace (e.g. ``"com.example"``); without it the
+            legacy ``/v2/`` endpoint is used.
+        base_url: the ingest server (default ``https://nom.telemetrydeck.com``); ``http://``
+            only for loopback, e.g. the local emulator.
+        salt: appended to user ids before hashing (default ``""``). Never sent or logged.
+        default_user: the user id for signals that name none.
+        session_id: the session id of every signal (default: a new UUID4 per client).
+        test_mode: mark signals as test data (default False).
+        default_payload: payload merged under every signal's own payload (the call wins).
+        batch_size: signals per request at most (default 100, as the official SDKs).
+        max_batch_bytes: bytes per request body at most (default 1 MiB).
+        flush_interval: seconds a signal may wait for a batch to fill (default 5).
+        max_queue_size: signals held in memory at most (default 10,000); past it, signals go
+            to the spool, or are dropped with reason ``queue_full``. ``await signal()`` first
+            waits briefly for room while the endpoint is healthy, so bursts are not dropped.
+        request_timeout: seconds for one request, connect to last byte (default 10).
+        close_timeout: seconds ``aclose()`` may take at most (default 10).
+        max_concurrent_requests: requests in flight at once (default 2).
+        retry: a :class:`RetryPolicy` (backoff, deadline, probe interval).
+        spool_dir: a directory for the on-disk spool; None keeps everything in memory.
+        durability: ``"spill"`` (disk only when memory or the network fails) or ``"always"``.
+        spool_max_bytes: the spool's size cap (default 64 MiB); the oldest go first.
+        spool_max_age: seconds a spooled signal is kept (default 7 days).
+        on_drop: ``on_drop(signals, reason)`` when signals are given up.
+        on_error: ``on_error(exc)`` when the background task handles a delivery error.
+    """
+
+    def __init__(
+        self,
+        app_id: str,
+        *,
+        namespace: str | None = None,
+        base_url: str = _UNSET,
+        salt: str = "",
+        default_user: str | None = None,
+        session_id: str | None = None,
+        test_mode: bool = False,
+        default_payload: Mapping[str, Any] | None = None,
+        batch_size: int = 100,
+        max_batch_bytes: int = 1024 * 1024,
+        flush_interval: float = 5.0,
+        max_queue_size: int = 10_000,
+        request_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        max_concurrent_requests: int = 2,
+        retry: RetryPolicy | None = None,
+        spool_dir: str | None = None,
+        durability: Durability = "spill",
+        spool_max_bytes: int = 64 * 1024 * 1024,
+        spool_max_age: float = 7 * 86400.0,
+        on_drop: OnDrop | None = None,
+        on_error: OnError | None = None,
+    ) -> None:
+        options: dict[str, Any] = {}
+        if base_url is not _UNSET:
+            options["base_url"] = base_url
+        self._config = config = ClientConfig(
+            app_id=app_id,
+            namespace=namespace,
+            salt=salt,
+            default_user=default_user,
+            session_id=session_id,
+            test_mode=test_mode,
+            default_payload=default_payload,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            flush_interval=flush_interval,
+            max_queue_size=max_queue_size,
+            request_timeout=request_timeout,
+            close_timeout=close_timeout,
+            max_concurrent_requests=max_concurrent_requests,
+            retry=retry if retry is not None else RetryPolicy(),
+            spool_dir=spool_dir,
+            durability=durability,
+            spool_max_bytes=spool_max_bytes,
+            spool_max_age=spool_max_age,
+            on_drop=on_drop,
+            on_error=on_error,
+            **options,
+        )
+        self._session_id = config.session_id or str(uuid.uuid4())
+        self._hash_user = UserHasher(config.salt)
+        self._default_payload: dict[str, PayloadValue] = dict(config.default_payload)
+        self._accounting = Accounting(on_drop=config.on_drop, on_error=config.on_error)
+        self._batcher = Batcher(
+            app_id=config.app_id,
+            batch_size=config.batch_size,
+            max_batch_bytes=config.max_batch_bytes,
+            max_queue_size=config.max_queue_size,
+        )
+        self._flusher = Flusher(
+            config=config,
+            batcher=self._batcher,
+            transport=Transport(
+                config.endpoint_url,
+                config.request_timeout,
+                max_connections=config.max_concurrent_requests,
+            ),
+            accounting=self._accounting,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._close_result: FlushResult | None = None
+        self._close_done = asyncio.Event()
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def config(self) -> ClientConfig:
+        """The validated options this client was built with."""
+        return self._config
+
+    @property
+    def session_id(self) -> str:
+        """The session id sent with signals that do not name their own."""
+        return self._session_id
+
+    @property
+    def closed(self) -> bool:
+        """True once ``aclose()`` was called."""
+        return self._closed
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters: what was sent, spooled, dropped, and what is pending."""
+        flusher = self._flusher
+        return self._accounting.snapshot(
+            queue_depth=len(self._batcher),
+            in_flight=flusher.in_flight,
+            parked=flusher.parked,
+        )
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> TelemetryClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Bind the client to the running loop and start its flusher (``async with`` does it)."""
+        self._bind_loop()
+
+    def _bind_loop(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            self._flusher.start()
+        elif loop is not self._loop:
+            raise WrongEventLoopError(
+                "this TelemetryClient is bound to another event loop; create one client per loop"
+            )
+
+    async def flush(self, timeout: float | None = None) -> FlushResult:
+        """Send everything queued so far and return what was accounted for meanwhile.
+
+        Waits until every signal queued before the call is sent, spooled or dropped, or
+        until ``timeout`` seconds pass (None: no limit; delivery itself is bounded by the
+        retry deadline). Never raises for delivery errors: read the result or ``stats``.
+        """
+        self._bind_loop()
+        return await self._flusher.flush(timeout)
+
+    async def aclose(self, timeout: float | None = None) -> FlushResult:
+        """Flush, then stop: bounded by ``timeout`` (default ``close_timeout``), idempotent.
+
+        What cannot be sent in time goes to the spool, or is dropped with reason
+        ``shutdown`` when there is none. Later ``signal()`` calls raise ``ClientClosedError``.
+        """
+        if self._close_result is not None:
+            return self._close_result
+        if self._closed:  # another aclose() is running: wait for it without closing twice
+            await self._close_done.wait()
+            assert self._close_result is not None  # set before the event
+            return self._close_result
+        self._closed = True
+        budget = self._config.close_timeout if timeout is None else timeout
+        if self._loop is None:
+            result = FlushResult(sent=0, spooled=0, dropped={}, pending=0)
+        else:
+            result = await self._flusher.close(budget)
+            await self._flusher.transport.close()
+        self._close_result = result
+        self._close_done.set()
+        return result
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_loop", None) is not None and not getattr(self, "_closed", True):
+            _warn(
+                f"unclosed TelemetryClient with {len(self._batcher)} queued signal(s); "
+                "use 'async with TelemetryClient(...)' or call 'await client.aclose()'",
+                ResourceWarning,
+                source=self,
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------------------- signals
+
+    def _build(
+        self,
+        signal_type: str,
+        client_user: str | None,
+        session_id: str | None,
+        payload: Mapping[str, Any] | None,
+        float_value: float | None,
+        test_mode: bool | None,
+    ) -> Signal:
+        if (
+            type(signal_type) is not str
+            or not signal_type
+            or signal_type.startswith(SDK_KEY_PREFIX)
+            or signal_type.isspace()
+        ):
+            validate_type(signal_type)  # raises with the precise reason
+        user = client_user if client_user is not None else self._config.default_user
+        if user is None:
+            raise InvalidSignalError(
+                "client_user", "no client_user given and the client has no default_user"
+            )
+        hashed = self._hash_user(user)
+        if payload:
+            own = normalize_payload(payload)
+            merged = {**self._default_payload, **own} if self._default_payload else own
+        else:
+            if payload is not None and not isinstance(payload, Mapping):
+                normalize_payload(payload)  # raises the right error
+            # Signals never mutate their payload, so they can share the default one.
+            merged = self._default_payload
+        if float_value is not None:
+            float_value = validate_float_value(float_value)
+        if test_mode is None:
+            test_mode = self._config.test_mode
+        elif type(test_mode) is not bool:
+            raise InvalidSignalError("test_mode", "must be a bool or None")
+        if session_id is None:
+            session_id = self._session_id
+        elif type(session_id) is not str or not session_id:
+            raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        signal = Signal(
+            signal_type, hashed, session_id, test_mode, merged, float_value, time.time()
+        )
+        limit = self._config.max_batch_bytes - 2
+        if signal.max_encoded_size() > limit:
+            size = len(encode_signal(signal, self._config.app_id))
+            if size > limit:
+                raise InvalidSignalError(
+                    "payload",
+                    f"the signal encodes to {size} bytes, more than max_batch_bytes allows",
+                )
+        return signal
+
+    def _enqueue(self, signal: Signal) -> bool:
+        self._accounting.enqueued += 1
+        if self._batcher.put(signal):
+            return True
+        self._flusher.overflow(signal)
+        return False
+
+    async def signal(
+        self,
+        signal_type: str,
+        *,
+        client_user: str | None = None,
+        session_id: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        float_value: float | None = None,
+        test_mode: bool | None = None,
+    ) -> None:
+        """Queue one signal of type ``signal_type`` (e.g. ``"Checkout.Payment.completed"``).
+
+        Validates at once and raises :class:`InvalidSignalError` (nothing queued) for a bad
+        argument; otherwise returns without network I/O. When the queue is full and the
+        endpoint is healthy, waits briefly for room (backpressure) before spooling or dropping.
+
+        Args:
+            signal_type: ``Scope.SubScope.lowerCamel`` style type name.
+            client_user: the user's id; hashed with the salt before it is queued.
+            session_id: overrides the client's session id for this signal.
+            payload: a flat mapping of str keys to str, int, float, bool (None values are
+                skipped; datetimes become ISO-8601 strings).
+            float_value: a finite number, sent as the top-level ``floatValue``.
+            test_mode: overrides the client's ``test_mode`` for this signal.
+        """
+        if self._loop is not asyncio.get_running_loop() or self._closed:
+            self._bind_loop()
+        signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
+        batcher = self._batcher
+        if not batcher.space.is_set() and self._flusher.healthy:
+            # Backpressure: a full queue with a healthy endpoint drains within a request's
+            # time, so waiting here beats dropping a burst. Bounded, never forever.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(batcher.space.wait(), self._config.request_timeout)
+        self._enqueue(signal)
+
+    def signal_nowait(
+        self,
+        signal_type: str,
+        *,
+        client_user: str | None = None,
+        session_id: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        float_value: float | None = None,
+        test_mode: bool | None = None,
+    ) -> None:
+        """Like :meth:`signal`, for synchronous code running on the client's loop.
+
+        Never waits: with a full queue the signal goes to the spool or is dropped
+        (``queue_full``). Must be called on the loop's thread while the loop runs.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop or self._closed:
+            if loop is None:
+                raise WrongEventLoopError(
+                    "signal_nowait() must be called from the client's event loop thread"
+                )
+            self._bind_loop()
+        self._enqueue(
+            self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
+        )

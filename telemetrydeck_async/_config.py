@@ -1,0 +1,166 @@
+"""Client options: one frozen, validated value built once per client.
+
+A wrong option fails at construction with :class:`ConfigurationError` (a ``ValueError``) naming
+the option, never later inside the background task.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._retry import RetryPolicy
+from ._signal import PayloadValue, normalize_payload
+from .exceptions import ConfigurationError, InvalidSignalError
+
+__all__ = ["DEFAULT_BASE_URL", "ClientConfig", "Durability", "OnDrop", "OnError"]
+
+DEFAULT_BASE_URL: Final = "https://nom.telemetrydeck.com"
+
+Durability = Literal["spill", "always"]
+#: ``on_drop(signals, reason)``: the dropped signals as JSON objects, and the reason.
+OnDrop = Callable[[Sequence[Mapping[str, Any]], str], None]
+#: ``on_error(exc)``: a delivery or spool error the background task handled.
+OnError = Callable[[BaseException], None]
+
+# Reverse-DNS style, URL-safe without escaping: letters, digits, dot, dash, underscore.
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LOOPBACK_NAMES: Final = frozenset({"localhost"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(value: str) -> str:
+    """Return ``value`` without a trailing slash if it is a usable ingest base URL.
+
+    ``https://`` is required; ``http://`` only for loopback hosts (the local emulator, tests).
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError("base_url", "must be a non-empty URL string")
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        pass
+    elif parts.scheme == "http" and host:
+        if not _is_loopback(host):
+            raise ConfigurationError(
+                "base_url",
+                f"plain http:// is allowed only for loopback hosts, got {host!r}; use https://",
+            )
+    else:
+        raise ConfigurationError("base_url", f"must be an https:// URL with a host, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ConfigurationError("base_url", "must not have a query string or fragment")
+    return value.rstrip("/")
+
+
+def _check_namespace(_inst: object, _attr: object, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not _NAMESPACE_RE.fullmatch(value):
+        raise ConfigurationError(
+            "namespace",
+            f"must be the URL-safe namespace from the dashboard (letters, digits, '.', '-', "
+            f"'_'; e.g. 'com.example'), got {value!r}",
+        )
+
+
+def _check_app_id(_inst: object, _attr: object, value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError("app_id", "must be the non-empty app ID from the dashboard")
+
+
+def _positive_int(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or value <= 0:
+        raise ConfigurationError(attr.name, f"must be a positive int, got {value!r}")
+
+
+def _positive_float(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(attr.name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _normalize_default_payload(value: Mapping[str, Any] | None) -> Mapping[str, PayloadValue]:
+    if value is None:
+        return {}
+    try:
+        return normalize_payload(value)
+    except InvalidSignalError as exc:
+        raise ConfigurationError("default_payload", str(exc)) from None
+
+
+def _check_durability(_inst: object, _attr: object, value: str) -> None:
+    if value not in ("spill", "always"):
+        raise ConfigurationError("durability", f"must be 'spill' or 'always', got {value!r}")
+
+
+def _check_optional_str(_inst: object, attr: attrs.Attribute[str | None], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigurationError(attr.name, "must be a non-empty str or None")
+
+
+def _check_retry(_inst: object, _attr: object, value: object) -> None:
+    if not isinstance(value, RetryPolicy):
+        raise ConfigurationError("retry", "must be a telemetrydeck_async.RetryPolicy")
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """Every option of a :class:`~telemetrydeck_async.TelemetryClient`, validated.
+
+    See the client's docstring for what each option means; defaults match the official SDKs
+    where they have one (100 signals per request) and favour bounded memory elsewhere.
+    """
+
+    app_id: str = attrs.field(validator=_check_app_id)
+    namespace: str | None = attrs.field(default=None, validator=_check_namespace)
+    base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=check_base_url)
+    salt: str = attrs.field(default="", repr=False)
+    default_user: str | None = attrs.field(default=None, repr=False, validator=_check_optional_str)
+    session_id: str | None = attrs.field(default=None, validator=_check_optional_str)
+    test_mode: bool = False
+    default_payload: Mapping[str, PayloadValue] = attrs.field(
+        factory=dict, converter=_normalize_default_payload
+    )
+    batch_size: int = attrs.field(default=100, validator=_positive_int)
+    max_batch_bytes: int = attrs.field(default=1024 * 1024, validator=_positive_int)
+    flush_interval: float = attrs.field(default=5.0, validator=_positive_float)
+    max_queue_size: int = attrs.field(default=10_000, validator=_positive_int)
+    request_timeout: float = attrs.field(default=10.0, validator=_positive_float)
+    close_timeout: float = attrs.field(default=10.0, validator=_positive_float)
+    max_concurrent_requests: int = attrs.field(default=2, validator=_positive_int)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy, validator=_check_retry)
+    spool_dir: str | None = attrs.field(default=None, validator=_check_optional_str)
+    durability: Durability = attrs.field(default="spill", validator=_check_durability)
+    spool_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive_int)
+    spool_max_age: float = attrs.field(default=7 * 86400.0, validator=_positive_float)
+    on_drop: OnDrop | None = None
+    on_error: OnError | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if type(self.salt) is not str:
+            raise ConfigurationError("salt", "must be a str (the empty string is the default)")
+        if type(self.test_mode) is not bool:
+            raise ConfigurationError("test_mode", "must be a bool")
+        if self.max_batch_bytes < 1024:
+            raise ConfigurationError("max_batch_bytes", "must be at least 1024 bytes")
+
+    @property
+    def endpoint_url(self) -> str:
+        """``{base_url}/v2/namespace/{namespace}/``, or ``{base_url}/v2/`` without a namespace."""
+        if self.namespace is None:
+            return f"{self.base_url}/v2/"
+        return f"{self.base_url}/v2/namespace/{self.namespace}/"

@@ -1,0 +1,245 @@
+"""The wire model: one signal, its validation, and its JSON form.
+
+Validation happens synchronously in ``signal()``, before anything is enqueued, so a bad call
+raises :class:`~telemetrydeck_async.exceptions.InvalidSignalError` and costs nothing.
+Encoding to JSON is deferred to the flusher, which encodes whole batches: the caller pays only
+for the checks, not for ``json.dumps``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import hashlib
+import json
+import math
+import numbers
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+from .exceptions import InvalidSignalError
+
+__all__ = [
+    "RESERVED_KEYS",
+    "SDK_KEY_PREFIX",
+    "PayloadValue",
+    "Signal",
+    "UserHasher",
+    "encode_signal",
+    "format_received_at",
+    "normalize_payload",
+    "validate_type",
+]
+
+PayloadValue = str | int | float | bool
+
+#: Top-level names of the signal object; the server refuses them as payload keys (SPEC.md).
+RESERVED_KEYS: Final = frozenset(
+    {
+        "appID",
+        "clientUser",
+        "type",
+        "receivedAt",
+        "count",
+        "isTestMode",
+        "sessionID",
+        "floatValue",
+        "payload",
+        "platform",
+        "__time",
+    }
+)
+
+#: Keys and types with this prefix belong to the SDKs and the server; callers may not set them.
+SDK_KEY_PREFIX: Final = "TelemetryDeck."
+
+# Exact-type checks are faster than isinstance chains on the hot path; bool is a subclass of int,
+# so an exact check also keeps it apart from numbers where that matters (floatValue).
+_PASS_THROUGH: Final = frozenset({str, int, bool})
+
+# Worst case bytes one character can take in our JSON: a control character escaped as \uXXXX.
+_MAX_BYTES_PER_CHAR: Final = 6
+# Fixed overhead of a signal object besides its strings: field names, quotes, commas, numbers.
+_SIGNAL_OVERHEAD: Final = 256
+
+
+def validate_type(signal_type: object, *, allow_reserved: bool = False) -> str:
+    """Return ``signal_type`` if it is a usable signal type, else raise ``InvalidSignalError``."""
+    if type(signal_type) is not str:
+        raise InvalidSignalError("type", f"must be a str, got {type(signal_type).__name__}")
+    if not signal_type or signal_type.isspace():
+        raise InvalidSignalError("type", "must be a non-empty string")
+    if not allow_reserved and signal_type.startswith(SDK_KEY_PREFIX):
+        raise InvalidSignalError(
+            "type", f"{signal_type!r}: types beginning with {SDK_KEY_PREFIX!r} are reserved"
+        )
+    return signal_type
+
+
+def _normalize_value(key: str, value: object) -> PayloadValue | None:
+    """Turn one payload value into a JSON primitive, or raise naming the key."""
+    kind = type(value)
+    if kind in _PASS_THROUGH:
+        return value  # type: ignore[return-value]  # the exact-type check above narrows it
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]  # kind is float
+            raise InvalidSignalError(f"payload[{key!r}]", f"must be finite, got {value!r}")
+        return value  # type: ignore[return-value]  # kind is float
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+            return value.isoformat(timespec="milliseconds") + "Z"
+        return value.isoformat(timespec="milliseconds")
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        inner = value.value
+        if isinstance(inner, enum.Enum):
+            raise InvalidSignalError(f"payload[{key!r}]", "an enum whose value is an enum")
+        return _normalize_value(key, inner)
+    if isinstance(value, str):  # a str subclass: send its plain text
+        return str.__str__(value)
+    if isinstance(value, numbers.Integral):  # int subclasses, numpy integers
+        return int(value)
+    if isinstance(value, numbers.Real):  # float subclasses, numpy floats, Decimal-likes
+        return _normalize_value(key, float(value))
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        raise InvalidSignalError(
+            f"payload[{key!r}]",
+            f"must be a str, int, float or bool; nested {type(value).__name__} is not allowed "
+            "(payloads are flat: use one key per value, e.g. 'Cart.items')",
+        )
+    raise InvalidSignalError(
+        f"payload[{key!r}]", f"must be a str, int, float or bool, got {type(value).__name__}"
+    )
+
+
+def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[str, PayloadValue]:
+    """Validate a caller's payload and return a fresh flat dict of JSON primitives.
+
+    ``None`` values are dropped, ``datetime``/``date`` values become ISO-8601 strings; anything
+    nested, binary, non-finite or keyed by a reserved name raises ``InvalidSignalError``.
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidSignalError("payload", f"must be a mapping, got {type(payload).__name__}")
+    out: dict[str, PayloadValue] = {}
+    for key, value in payload.items():
+        if type(key) is not str:
+            raise InvalidSignalError("payload", f"keys must be str, got {type(key).__name__}")
+        if not allow_reserved:
+            if key.startswith(SDK_KEY_PREFIX):
+                raise InvalidSignalError(
+                    f"payload[{key!r}]",
+                    f"keys beginning with {SDK_KEY_PREFIX!r} are reserved for the SDK",
+                )
+            if key in RESERVED_KEYS:
+                raise InvalidSignalError(
+                    f"payload[{key!r}]", "is a reserved top-level signal field name"
+                )
+        if not key:
+            raise InvalidSignalError("payload", "keys must be non-empty strings")
+        normalized = _normalize_value(key, value)
+        if normalized is not None:
+            out[key] = normalized
+    return out
+
+
+def validate_float_value(value: object) -> float:
+    """Return ``value`` as a finite float, else raise ``InvalidSignalError`` for ``float_value``."""
+    kind = type(value)
+    if kind is float or kind is int:
+        number = float(value)  # type: ignore[arg-type]  # kind checked above
+    elif kind is not bool and isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        raise InvalidSignalError("float_value", f"must be a number, got {kind.__name__}")
+    if not math.isfinite(number):
+        raise InvalidSignalError("float_value", f"must be finite, got {value!r}")
+    return number
+
+
+@attrs.frozen(slots=True)
+class Signal:
+    """One validated signal, as it sits in the queue.
+
+    ``client_user`` is already the hash; the raw user id never reaches this object.
+    ``received_at`` is the Unix time at which ``signal()`` was called: it is formatted only when
+    the batch is encoded, and stays the same across queueing, retries and the spool.
+    """
+
+    type: str
+    client_user: str
+    session_id: str
+    test_mode: bool
+    payload: dict[str, PayloadValue]
+    float_value: float | None
+    received_at: float
+
+    def to_json(self, app_id: str) -> dict[str, Any]:
+        """The signal object exactly as the ingest API expects it."""
+        obj: dict[str, Any] = {
+            "appID": app_id,
+            "clientUser": self.client_user,
+            "sessionID": self.session_id,
+            "type": self.type,
+            "isTestMode": self.test_mode,
+            "receivedAt": format_received_at(self.received_at),
+            "payload": self.payload,
+        }
+        if self.float_value is not None:
+            obj["floatValue"] = self.float_value
+        return obj
+
+    def max_encoded_size(self) -> int:
+        """A cheap upper bound of the encoded size in bytes, without encoding."""
+        chars = len(self.type) + len(self.session_id)
+        for key, value in self.payload.items():
+            chars += len(key) + (len(value) if isinstance(value, str) else 24)
+        return _SIGNAL_OVERHEAD + 64 + chars * _MAX_BYTES_PER_CHAR + 3 * len(self.payload)
+
+
+def encode_signal(signal: Signal, app_id: str) -> bytes:
+    """Encode one signal as compact UTF-8 JSON (no NaN, no ASCII escaping of non-ASCII text)."""
+    return json.dumps(
+        signal.to_json(app_id), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def format_received_at(unix_time: float) -> str:
+    """ISO-8601 UTC with milliseconds and a ``Z`` suffix, e.g. ``2026-11-26T05:31:18.120Z``."""
+    seconds = int(unix_time)
+    millis = int((unix_time - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+@attrs.define
+class UserHasher:
+    """Hashes user ids as the official SDKs do: ``sha256_hex(utf8(user_id + salt))``.
+
+    Services see the same few users again and again, so recent hashes are cached; the cache is
+    bounded and lives only in memory (the raw id is never logged, written or sent).
+    """
+
+    _salt: str = attrs.field(repr=False)
+    _max_entries: int = 4096
+    _cache: dict[str, str] = attrs.field(factory=dict, repr=False)
+
+    def __call__(self, user_id: object) -> str:
+        """Return the lowercase hex SHA-256 of ``user_id + salt``."""
+        if type(user_id) is not str:
+            raise InvalidSignalError("client_user", f"must be a str, got {type(user_id).__name__}")
+        cached = self._cache.get(user_id)
+        if cached is not None:
+            return cached
+        if not user_id:
+            raise InvalidSignalError("client_user", "must be a non-empty string")
+        digest = hashlib.sha256((user_id + self._salt).encode()).hexdigest()
+        if len(self._cache) >= self._max_entries:
+            self._cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
+        self._cache[user_id] = digest
+        return digest

@@ -1,0 +1,266 @@
+"""Accounting: where every accepted signal ended up, and how the user sees it.
+
+Each signal the client accepts ends in exactly one bucket: **sent**, **spooled** (left memory
+for the on-disk spool), or **dropped** with a named reason; until then it is pending (queued or
+in flight). So at any moment::
+
+    enqueued == sent + spooled + sum(dropped.values()) + pending
+
+Signals read back from the spool and delivered are counted in ``recovered``; those the spool
+itself had to discard are counted in ``dropped`` under ``expired`` / ``spool_full``.
+
+One :class:`Accounting` object per client owns the counters, the ``on_drop``/``on_error``
+callbacks and the rate-limited warnings, so every part of the pipeline reports the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Literal
+
+import attrs
+
+__all__ = [
+    "DROP_REASONS",
+    "Accounting",
+    "DropReason",
+    "FlushResult",
+    "LastError",
+    "RateLimitedLog",
+    "Stats",
+]
+
+log = logging.getLogger("telemetrydeck_async")
+
+DropReason = Literal[
+    "queue_full",
+    "retries_exhausted",
+    "oversize",
+    "rejected",
+    "permanent_error",
+    "shutdown",
+    "expired",
+    "spool_full",
+    "spool_error",
+]
+#: Every reason a signal can be dropped for, as it appears in ``stats.dropped`` and ``on_drop``.
+DROP_REASONS: Final[tuple[DropReason, ...]] = (
+    "queue_full",
+    "retries_exhausted",
+    "oversize",
+    "rejected",
+    "permanent_error",
+    "shutdown",
+    "expired",
+    "spool_full",
+    "spool_error",
+)
+
+_DROP_EXPLANATIONS: Final[Mapping[str, str]] = {
+    "queue_full": "the in-memory queue was full (raise max_queue_size or set spool_dir)",
+    "retries_exhausted": "the retry deadline passed (set spool_dir to keep them on disk)",
+    "oversize": "the server refused a single signal as too large (HTTP 413)",
+    "rejected": "the server refused the signal as invalid (HTTP 400/422)",
+    "permanent_error": "the server answered with a status that retrying cannot fix",
+    "shutdown": "the client closed before they could be sent (set spool_dir to keep them)",
+    "expired": "they waited in the spool longer than spool_max_age",
+    "spool_full": "the spool reached spool_max_bytes; the oldest were dropped",
+    "spool_error": "the spool could not write them to disk",
+}
+
+
+@attrs.frozen
+class LastError:
+    """The most recent error the background task handled: its class name, message and time."""
+
+    type: str
+    message: str
+    at: float
+
+
+@attrs.frozen(kw_only=True)
+class Stats:
+    """A snapshot of the client's counters (see the module docstring for how they add up).
+
+    Attributes:
+        enqueued: signals accepted by ``signal()`` / ``signal_nowait()``.
+        sent: of those, delivered with a 2xx answer.
+        batches_sent: requests answered with a 2xx.
+        retried_requests: requests that failed and were tried again.
+        spooled: signals that left memory for the on-disk spool.
+        recovered: signals read back from the spool and delivered.
+        dropped: signals given up, by reason (see ``DROP_REASONS``).
+        queue_depth: signals waiting in memory.
+        in_flight: signals in requests not yet answered (including backoff waits).
+        parked: signals held while the endpoint refuses the app ID or namespace.
+        last_error: the latest delivery or spool error, or None.
+    """
+
+    enqueued: int
+    sent: int
+    batches_sent: int
+    retried_requests: int
+    spooled: int
+    recovered: int
+    dropped: Mapping[str, int]
+    queue_depth: int
+    in_flight: int
+    parked: int
+    last_error: LastError | None
+
+    @property
+    def dropped_total(self) -> int:
+        """All dropped signals, whatever the reason."""
+        return sum(self.dropped.values())
+
+    @property
+    def pending(self) -> int:
+        """Signals accepted but not yet sent, spooled or dropped."""
+        return self.queue_depth + self.in_flight + self.parked
+
+
+@attrs.frozen(kw_only=True)
+class FlushResult:
+    """What a ``flush()`` or ``aclose()`` accounted for while it ran.
+
+    ``pending`` is what was still in memory when it returned (nonzero only on timeout, or while
+    the endpoint refuses the app ID and no spool is configured).
+    """
+
+    sent: int
+    spooled: int
+    dropped: Mapping[str, int]
+    pending: int
+
+    @property
+    def dropped_total(self) -> int:
+        """All dropped signals, whatever the reason."""
+        return sum(self.dropped.values())
+
+
+@attrs.define
+class RateLimitedLog:
+    """Logs the same warning at most once per ``interval`` seconds, counting what it held back.
+
+    Keyed by a short reason, so a flood of one problem cannot drown out another.
+    """
+
+    interval: float = 60.0
+    _last: dict[str, float] = attrs.field(factory=dict)
+    _suppressed: Counter[str] = attrs.field(factory=Counter)
+    _clock: Callable[[], float] = time.monotonic
+
+    def log(
+        self,
+        level: int,
+        key: str,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """Log ``msg % args`` unless ``key`` was logged within the interval."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] += 1
+            return
+        self._last[key] = now
+        held = self._suppressed.pop(key, 0)
+        if held:
+            msg += " (%d similar messages suppressed in the last %.0f s)"
+            args = (*args, held, self.interval)
+        log.log(level, msg, *args, exc_info=exc_info)
+
+
+@attrs.define
+class Accounting:
+    """The counters and the reporting paths shared by the whole pipeline of one client."""
+
+    on_drop: Callable[[Sequence[Mapping[str, Any]], str], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    enqueued: int = 0
+    sent: int = 0
+    batches_sent: int = 0
+    retried_requests: int = 0
+    spooled: int = 0
+    recovered: int = 0
+    dropped: Counter[str] = attrs.field(factory=Counter)
+    last_error: LastError | None = None
+    warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+
+    def record_sent(self, count: int, *, recovered: bool = False) -> None:
+        """A batch of ``count`` signals was answered with a 2xx."""
+        self.batches_sent += 1
+        if recovered:
+            self.recovered += count
+        else:
+            self.sent += count
+
+    def record_dropped(
+        self,
+        reason: DropReason,
+        count: int,
+        bodies: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
+        detail: str = "",
+    ) -> None:
+        """``count`` signals were given up for ``reason``; warn (rate-limited) and call on_drop.
+
+        ``bodies`` builds the dropped signals for ``on_drop`` only when a callback is set.
+        """
+        if count <= 0:
+            return
+        self.dropped[reason] += count
+        self.warnings.log(
+            logging.WARNING,
+            f"drop:{reason}",
+            "dropped %d signal(s), reason %s: %s%s",
+            count,
+            reason,
+            _DROP_EXPLANATIONS.get(reason, reason),
+            f" ({detail})" if detail else "",
+        )
+        if self.on_drop is not None and bodies is not None:
+            try:
+                self.on_drop(bodies(), reason)
+            except Exception:
+                log.warning("the on_drop callback raised; ignoring it", exc_info=True)
+
+    def record_error(self, exc: BaseException) -> None:
+        """A delivery or spool error was handled in the background."""
+        self.last_error = LastError(type(exc).__name__, str(exc)[:300], time.time())
+        if self.on_error is not None:
+            try:
+                self.on_error(exc)
+            except Exception:
+                log.warning("the on_error callback raised; ignoring it", exc_info=True)
+
+    def snapshot(self, *, queue_depth: int, in_flight: int, parked: int) -> Stats:
+        """A frozen copy of the counters, with the pipeline's current depths."""
+        return Stats(
+            enqueued=self.enqueued,
+            sent=self.sent,
+            batches_sent=self.batches_sent,
+            retried_requests=self.retried_requests,
+            spooled=self.spooled,
+            recovered=self.recovered,
+            dropped=dict(self.dropped),
+            queue_depth=queue_depth,
+            in_flight=in_flight,
+            parked=parked,
+            last_error=self.last_error,
+        )
+
+
+def decode_bodies(bodies: Sequence[bytes]) -> list[dict[str, Any]]:
+    """Encoded signals back to JSON objects, for ``on_drop``; undecodable ones are skipped."""
+    out: list[dict[str, Any]] = []
+    for body in bodies:
+        try:
+            out.append(json.loads(body))
+        except ValueError:
+            continue
+    return out
