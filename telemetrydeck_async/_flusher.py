@@ -417,7 +417,9 @@ class Flusher:
         return self._result_since(before)
 
     async def _wait_flushed(self, target: int) -> None:
-        while not self._flushed(target) and self.running:
+        while not self._flushed(target):
+            if not self.running and not self._deliveries:
+                return  # the task has stopped and nothing is in flight: nothing will move
             self._progress.clear()
             await self._progress.wait()
 

@@ -1,0 +1,200 @@
+"""The command line: ``python -m telemetrydeck_async`` (also installed as ``telemetrydeck-async``).
+
+Commands:
+    demo        run the local ingest emulator and send a few thousand signals through it
+    send        send one signal and report whether it was delivered
+    devserver   run the local ingest emulator (with optional injected faults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from ._client import TelemetryClient
+from ._retry import RetryPolicy
+from ._version import __version__
+from .exceptions import TelemetryDeckError
+
+__all__ = ["main"]
+
+_DEMO_TYPES = (
+    "App.launched",
+    "Checkout.Payment.completed",
+    "Search.query",
+    "Settings.themeChanged",
+)
+
+
+def _print_table(rows: Sequence[tuple[str, str]], title: str) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    print("-" * (width + 14))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value:>10}")
+
+
+async def _demo(count: int, fail_next: int) -> int:
+    # Imported here so `send` does not pay for the emulator's imports.
+    from .devserver import FaultPlan, IngestEmulator
+
+    emulator = IngestEmulator(
+        faults=FaultPlan(fail_next=fail_next, fail_status=503), id_key="Demo.index"
+    )
+    async with emulator:
+        print(f"local ingest emulator on {emulator.base_url} (first {fail_next} requests get 503)")
+        started = time.perf_counter()
+        async with TelemetryClient(
+            "demo-app-id",
+            namespace="com.example.demo",
+            base_url=emulator.base_url,
+            salt="demo-salt",
+            test_mode=True,
+            flush_interval=0.5,
+            retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5, deadline=30.0),
+        ) as td:
+            for i in range(count):
+                signal_type = _DEMO_TYPES[i % len(_DEMO_TYPES)]
+                await td.signal(
+                    signal_type,
+                    client_user=f"user-{i % 50}",
+                    payload={"Demo.index": i, "Demo.even": i % 2 == 0},
+                    float_value=(i % 100) / 10 if signal_type.startswith("Checkout") else None,
+                )
+            result = await td.flush()
+            stats = td.stats
+        elapsed = time.perf_counter() - started
+        received = emulator.count_by_type()
+        rows = [(t, str(received.get(t, 0))) for t in _DEMO_TYPES]
+        rows += [
+            ("signals received", str(len(emulator.signals))),
+            ("requests (batches) accepted", str(len(emulator.batches))),
+            ("requests retried", str(stats.retried_requests)),
+            ("signals dropped", str(stats.dropped_total)),
+            ("time taken", f"{elapsed:.2f} s"),
+        ]
+        print()
+        _print_table(rows, "what the emulator received")
+        lost = count - len(emulator.distinct_ids())
+    if lost or result.dropped_total or result.pending:
+        print(f"\nFAILED: {lost} signal(s) missing at the emulator", file=sys.stderr)
+        return 1
+    print(f"\nall {count} signals delivered.")
+    return 0
+
+
+def _parse_payload(items: Sequence[str]) -> dict[str, str | int | float | bool]:
+    payload: dict[str, str | int | float | bool] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise TelemetryDeckError(f"--payload expects KEY=VALUE, got {item!r}")
+        value: str | int | float | bool = raw
+        if raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
+        payload[key] = value
+    return payload
+
+
+async def _send(args: argparse.Namespace) -> int:
+    options = {"base_url": args.base_url} if args.base_url else {}
+    async with TelemetryClient(
+        args.app_id,
+        namespace=args.namespace,
+        test_mode=args.test_mode,
+        request_timeout=args.timeout,
+        retry=RetryPolicy(deadline=args.timeout, max_backoff=min(30.0, args.timeout)),
+        close_timeout=args.timeout + 5,
+        **options,
+    ) as td:
+        await td.signal(
+            args.type,
+            client_user=args.user,
+            payload=_parse_payload(args.payload),
+            float_value=args.float_value,
+        )
+        result = await td.flush(timeout=args.timeout + 5)
+        last = td.stats.last_error
+    if result.sent == 1:
+        print(f"delivered {args.type!r}")
+        return 0
+    why = ", ".join(f"{k}" for k in result.dropped) or ("pending" if result.pending else "unknown")
+    detail = f": {last.type}: {last.message}" if last is not None else ""
+    print(f"not delivered ({why}){detail}", file=sys.stderr)
+    return 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .devserver import add_devserver_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="telemetrydeck-async",
+        description="TelemetryDeck Ingest API v2 client: demo, one-off sends, local emulator.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="send signals through the local emulator")
+    demo.add_argument("--count", type=int, default=4000, help="signals to send (4000)")
+    demo.add_argument(
+        "--fail-next", type=int, default=3, help="503 answers to inject first, to show retries"
+    )
+
+    send = commands.add_parser("send", help="send one signal; non-zero exit if not delivered")
+    send.add_argument("type", help="the signal type, e.g. App.launched")
+    send.add_argument("--app-id", required=True, help="the app ID from the dashboard")
+    send.add_argument("--namespace", help="your namespace, e.g. com.example")
+    send.add_argument("--user", default="cli-user", help="user id (hashed before sending)")
+    send.add_argument(
+        "--payload", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    send.add_argument("--float-value", type=float, help="the signal's floatValue")
+    send.add_argument("--test-mode", action="store_true", help="mark the signal as test data")
+    send.add_argument("--base-url", help="ingest server (default: TelemetryDeck's)")
+    send.add_argument("--timeout", type=float, default=15.0, help="seconds to try (15)")
+
+    devserver = commands.add_parser("devserver", help="run the local ingest emulator")
+    add_devserver_arguments(devserver)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "demo":
+            return asyncio.run(_demo(args.count, args.fail_next))
+        if args.command == "send":
+            return asyncio.run(_send(args))
+        if args.command == "devserver":
+            from .devserver import devserver_main
+
+            return devserver_main(args)
+    except (TelemetryDeckError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # pragma: no cover  # parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real ingest emulator on 127.0.0.1:0 and clients pointed at it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from telemetrydeck_async import RetryPolicy, TelemetryClient
+from telemetrydeck_async.devserver import IngestEmulator
+
+#: A retry policy with short waits, so fault tests take milliseconds instead of seconds.
+FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=5.0)
+
+
+def sha256_hex(text: str) -> str:
+    """The hash the official SDKs send as clientUser, computed independently of the package."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[IngestEmulator]:
+    """A running local ingest emulator on a free loopback port."""
+    async with IngestEmulator(host="127.0.0.1", port=0) as emu:
+        yield emu
+
+
+ClientFactory = Callable[..., TelemetryClient]
+
+
+@pytest.fixture
+async def make_client(emulator: IngestEmulator) -> AsyncIterator[ClientFactory]:
+    """Build clients aimed at the emulator with fast retries; every one is closed afterwards."""
+    clients: list[TelemetryClient] = []
+
+    def factory(**options: Any) -> TelemetryClient:
+        options.setdefault("namespace", "com.example")
+        options.setdefault("base_url", emulator.base_url)
+        options.setdefault("default_user", "test-user")
+        options.setdefault("retry", FAST_RETRY)
+        options.setdefault("flush_interval", 60.0)
+        client = TelemetryClient(options.pop("app_id", "test-app"), **options)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.aclose(timeout=5)
