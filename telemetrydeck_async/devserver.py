@@ -148,8 +148,8 @@ class FaultPlan:
 
     Faults are checked in this order and the first one that fires decides the answer
     (a counter is only spent when its fault fires): ``delay`` (always applies) →
-    ``reset_next`` → ``status_always`` → ``fail_next`` → ``fail_fraction`` → content checks
-    (415, ``max_body_bytes`` 413, invalid JSON/signals 400, ``reject_marker`` 400) →
+    ``stall_next`` → ``reset_next`` → ``status_always`` → ``fail_next`` → ``fail_fraction`` →
+    content checks (415, ``max_body_bytes`` 413, invalid JSON/signals 400, ``reject_marker`` 400) →
     ``drop_after_accept_next`` → 200.
     """
 
@@ -164,6 +164,11 @@ class FaultPlan:
     retry_after: str | None = attrs.field(default=None, validator=_optional_header_text)
     #: Seconds to wait before handling every ingest request.
     delay: float = attrs.field(default=0.0, validator=_number_in(0.0, 3600.0))
+    #: The next K requests are held ``stall_seconds`` without an answer, then the connection is
+    #: reset and nothing is recorded: a server that never answers (the client times out).
+    stall_next: int = attrs.field(default=0, validator=_non_negative_int)
+    #: How long ``stall_next`` holds a request.
+    stall_seconds: float = attrs.field(default=30.0, validator=_number_in(0.0, 3600.0))
     #: The next K requests: the connection is reset before the body is read; nothing recorded.
     reset_next: int = attrs.field(default=0, validator=_non_negative_int)
     #: The next K valid requests: the signals are recorded, then the connection is dropped
@@ -588,6 +593,10 @@ class IngestEmulator:
         if namespace is not None and not _NAMESPACE_RE.fullmatch(namespace):
             return _Outcome(404, {"error": "namespace must match [A-Za-z0-9._-]+"})
 
+        if plan.stall_next > 0:
+            plan.stall_next -= 1
+            await asyncio.sleep(plan.stall_seconds)
+            return _Outcome(None, fault="stall_next", abort="reset")
         if plan.reset_next > 0:
             plan.reset_next -= 1
             return _Outcome(None, fault="reset_next", abort="reset")
@@ -797,6 +806,8 @@ def add_devserver_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fail-fraction", type=float, default=0.0, metavar="F")
     faults.add_argument("--retry-after", default=None, metavar="VALUE")
     faults.add_argument("--delay", type=float, default=0.0, metavar="SECONDS")
+    faults.add_argument("--stall-next", type=int, default=0, metavar="K")
+    faults.add_argument("--stall-seconds", type=float, default=30.0, metavar="SECONDS")
     faults.add_argument("--reset-next", type=int, default=0, metavar="K")
     faults.add_argument("--drop-after-accept-next", type=int, default=0, metavar="K")
     faults.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES")
