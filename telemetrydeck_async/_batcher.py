@@ -101,6 +101,8 @@ class Batcher:
         self.put_total += 1
         if size == 0 or size + 1 == self.batch_size:
             self.wakeup.set()
+        if size + 1 >= self.max_queue_size:
+            self.space.clear()  # the next await signal() waits for room before it tries
         return True
 
     def full_batch_ready(self) -> bool:

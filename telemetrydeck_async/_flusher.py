@@ -58,6 +58,12 @@ class _Interrupted(Exception):
     """Raised inside a delivery when the client is closing and its time is up."""
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Fetch an abandoned request's outcome so asyncio does not warn it was never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class SpoolSink(Protocol):
     """What the flusher needs of the on-disk spool (``_spool.Spool`` implements it)."""
 
@@ -199,7 +205,9 @@ class Flusher:
     async def _dispatch(self) -> None:
         while self._sendable():
             await self._slots.acquire()
-            batch = self._next_batch()
+            # The wait for a slot may have outlasted the reason to send (a refusal, a flush
+            # already served): look again before cutting a batch.
+            batch = self._next_batch() if self._sendable() else None
             if batch is None:
                 self._slots.release()
                 return
@@ -278,17 +286,20 @@ class Flusher:
 
     async def _attempt(self, body: bytes) -> None:
         await self._wait_out_pause()
+        if self._interrupt.is_set():
+            raise _Interrupted
+        # Race the request against close(): once the close budget is spent, an unanswered
+        # request is abandoned and its batch spooled (or dropped) instead of awaited.
         send = asyncio.ensure_future(self.transport.send(body))
-        if not self._interrupt.is_set():
-            interrupt = asyncio.ensure_future(self._interrupt.wait())
-            try:
-                await asyncio.wait((send, interrupt), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                interrupt.cancel()
-        if not send.done():
-            send.cancel()
-            with contextlib.suppress(asyncio.CancelledError, DeliveryError):
-                await send
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            done, _ = await asyncio.wait((send, interrupt), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+            if not send.done():
+                send.cancel()
+                send.add_done_callback(_retrieve)
+        if send not in done:
             raise _Interrupted
         try:
             send.result()
@@ -342,7 +353,7 @@ class Flusher:
             log.error(
                 "the ingest endpoint refused app ID %r (namespace %r) with HTTP %d: check the "
                 "app ID and namespace in the TelemetryDeck dashboard. Signals are kept and the "
-                "endpoint will be probed every %.0f s.",
+                "endpoint will be probed every %g s.",
                 self.config.app_id,
                 self.config.namespace,
                 exc.status,
@@ -433,10 +444,16 @@ class Flusher:
         grace = min(1.0, timeout * 0.2)
         if self.running:
             await self.flush(timeout=max(end - grace - loop.time(), 0.0))
+        # Stop dispatching first, so no new delivery starts behind our back.
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         self._interrupt.set()
         if self._deliveries:
-            pending = list(self._deliveries)
-            _, still = await asyncio.wait(pending, timeout=max(end - loop.time(), 0.05))
+            _, still = await asyncio.wait(
+                list(self._deliveries), timeout=max(end - loop.time(), 0.05)
+            )
             for task in still:
                 task.cancel()
             if still:
@@ -444,14 +461,17 @@ class Flusher:
         for batch in [*self._parked, *self.batcher.drain()]:
             await self._spill_or_drop(batch, "shutdown")
         self._parked.clear()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
         self._progress.set()
-        return self._result_since(before)
+        result = self._result_since(before)
+        if result.dropped:
+            log.warning(
+                "client closed; %d signal(s) could not be sent or spooled: %s",
+                result.dropped_total,
+                ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items())),
+            )
+        return result
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:
         acc = self.accounting
