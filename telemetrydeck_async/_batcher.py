@@ -138,17 +138,24 @@ class Batcher:
         queue = self._queue
         app_id = self.app_id
         limit = self.batch_size
-        while queue and len(bodies) < limit:
-            signal = queue.popleft()
-            body = encode_signal(signal, app_id)
-            extra = len(body) + (1 if bodies else 0)
-            if bodies and size + extra > budget:
+        # Once per signal, on the loop: bound methods and a counter instead of len() calls.
+        count = len(bodies)
+        pop = queue.popleft
+        add_body = bodies.append
+        add_time = received.append
+        encode = encode_signal
+        while queue and count < limit:
+            signal = pop()
+            body = encode(signal, app_id)
+            extra = len(body) + (1 if count else 0)
+            if count and size + extra > budget:
                 self._carry = (body, signal.received_at)
                 break
-            bodies.append(body)
-            received.append(signal.received_at)
+            add_body(body)
+            add_time(signal.received_at)
             size += extra
-        self.taken_total += len(bodies)
+            count += 1
+        self.taken_total += count
         if len(queue) < self.max_queue_size:
             self.space.set()
         return Batch(bodies, received, seq)

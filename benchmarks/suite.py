@@ -1,0 +1,138 @@
+"""Run the figures, print the Markdown table, write the JSON file.
+
+``python -m benchmarks`` runs the full suite (a few minutes on 2 cores); ``--quick`` runs every
+figure with tiny N in seconds, for CI, where the numbers mean little: it checks that the suite
+still runs. Targets are shown and judged, never asserted: the exit status is non-zero only
+when a figure could not be measured at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ._common import HERE, Row, Sink, fmt, machine
+from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
+from .memory import memory
+from .spooling import spool_figures
+
+FIGURES = ("caller", "throughput", "stall", "memory", "burst", "spool", "shutdown")
+
+
+def table(rows: list[Row]) -> str:
+    """The Markdown table: figure, value, baseline, ratio, target, met?"""
+    lines = [
+        "| figure | value | baseline | ratio | target | met? |",
+        "|---|---:|---:|---:|---|:---:|",
+    ]
+    for row in rows:
+        ratio = row.ratio
+        met = {True: "yes", False: "**no**", None: ""}[row.met]
+        lines.append(
+            f"| {row.figure} | {fmt(row.value, row.unit)} | {fmt(row.baseline, row.unit)} | "
+            f"{'—' if ratio is None else f'{ratio:.2f}x'} | {row.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def notes(rows: list[Row]) -> str:
+    """One line of detail per row that has any."""
+    return "\n".join(f"- {row.figure}: {row.note}" for row in rows if row.note)
+
+
+async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]:
+    """Every selected figure in turn; a failing figure becomes an error row, the rest go on."""
+    rows: list[Row] = []
+    errors: list[str] = []
+    async with Sink() as sink:
+
+        def with_sink(
+            bench: Callable[[Settings, Sink], Awaitable[list[Row]]],
+        ) -> Callable[[], Awaitable[list[Row]]]:
+            return lambda: bench(settings, sink)
+
+        steps: dict[str, Callable[[], Awaitable[list[Row]]]] = {
+            "caller": with_sink(caller_cost),
+            "throughput": with_sink(throughput),
+            "stall": with_sink(loop_stall),
+            "memory": lambda: memory(settings.memory_n),
+            "burst": with_sink(burst),
+            "spool": lambda: spool_figures(settings.spool_n),
+            "shutdown": with_sink(shutdown),
+        }
+        for name in FIGURES:
+            if name not in only:
+                continue
+            gc.collect()
+            t0 = time.perf_counter()
+            print(f"... {name}", file=sys.stderr, flush=True)
+            try:
+                got = await steps[name]()
+            except Exception as exc:
+                traceback.print_exc()
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                got = [Row(name, f"{name} (failed)", None, "", note=f"{type(exc).__name__}: {exc}")]
+            print(f"    {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            rows.extend(got)
+    return rows, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run, report. Returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="telemetrydeck-async benchmarks (issue 7)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny N, seconds (for CI)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=HERE / "results.json",
+        help="where to write the results (default: benchmarks/results.json)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(FIGURES),
+        help=f"comma-separated subset of: {','.join(FIGURES)}",
+    )
+    args = parser.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = only - set(FIGURES)
+    if unknown:
+        parser.error(f"unknown figure(s): {', '.join(sorted(unknown))}")
+    settings = Settings.make(args.quick)
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    rows, errors = asyncio.run(run(settings, only))
+    elapsed = time.perf_counter() - t0
+    command = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
+    info: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": command.strip(),
+        "mode": "quick" if args.quick else "full",
+        "seconds": round(elapsed, 1),
+        "machine": machine(),
+        "rows": [row.to_json() for row in rows],
+        "errors": errors,
+    }
+    mach = info["machine"]
+    print(
+        f"## telemetrydeck-async benchmarks ({info['mode']}, {elapsed:.0f} s)\n\n"
+        f"{mach['cpu']}, {mach['cores']} cores, {mach['python']}, {mach['os']}, "
+        f"{info['date']}\n\n{table(rows)}\n\n{notes(rows)}"
+    )
+    if args.quick:
+        print("\n(quick mode: tiny N, the numbers are only a smoke test)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"\nJSON written to {args.json}", file=sys.stderr)
+    return 1 if errors else 0
