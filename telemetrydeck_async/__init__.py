@@ -11,6 +11,7 @@ with retries, backoff and an optional on-disk spool::
 
 from ._client import TelemetryClient
 from ._config import DEFAULT_BASE_URL, ClientConfig
+from ._presets import Duration, ErrorCategory, PurchaseType
 from ._retry import RetryPolicy
 from ._stats import DROP_REASONS, FlushResult, LastError, Stats
 from ._version import __version__
@@ -39,12 +40,15 @@ __all__ = [
     "ClientConfig",
     "ConfigurationError",
     "DeliveryError",
+    "Duration",
+    "ErrorCategory",
     "FlushResult",
     "HTTPStatusError",
     "InvalidSignalError",
     "LastError",
     "PayloadTooLargeError",
     "PermanentStatusError",
+    "PurchaseType",
     "RejectedError",
     "RetryPolicy",
     "RetryableStatusError",

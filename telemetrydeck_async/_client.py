@@ -2,22 +2,35 @@
 
 It validates a call, builds a :class:`~._signal.Signal` and puts it in the batcher; everything
 after that belongs to the flusher. ``signal()`` does no I/O and creates no task or future.
+The TelemetryDeck presets (``error()``, ``duration()``...) live in ``_presets.py``; they reach
+the same path through ``_emit()``, the one door for reserved ``TelemetryDeck.`` names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 import warnings
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from ._batcher import Batcher
-from ._config import ClientConfig, Durability, OnDrop, OnError
+from ._config import (
+    ClientConfig,
+    Durability,
+    OnDrop,
+    OnError,
+    disabled_by_env,
+    options_from_env,
+)
 from ._flusher import Flusher
+from ._identity import default_user_path, load_or_create_default_user
+from ._parameters import sdk_parameters
+from ._presets import NEW_INSTALL_DETECTED, SESSION_STARTED, Presets
 from ._retry import RetryPolicy
 from ._signal import (
     SDK_KEY_PREFIX,
@@ -31,14 +44,23 @@ from ._signal import (
 )
 from ._stats import Accounting, FlushResult, Stats
 from ._transport import Transport
-from .exceptions import ClientClosedError, InvalidSignalError, WrongEventLoopError
+from .exceptions import (
+    ClientClosedError,
+    ConfigurationError,
+    InvalidSignalError,
+    WrongEventLoopError,
+)
 
 __all__ = ["TelemetryClient"]
 
 _UNSET: Any = object()
+# A disabled client validates calls but never hashes a real id or touches the default-user file.
+_DISABLED_USER: Final = "telemetrydeck-async-disabled"
+
+_C = TypeVar("_C", bound="TelemetryClient")
 
 
-class TelemetryClient:
+class TelemetryClient(Presets):
     """An asyncio client for the TelemetryDeck Ingest API v2.
 
     Signals are validated at once, queued in memory, and sent by one background task in
@@ -56,10 +78,14 @@ class TelemetryClient:
         base_url: the ingest server (default ``https://nom.telemetrydeck.com``); ``http://``
             only for loopback, e.g. the local emulator.
         salt: appended to user ids before hashing (default ``""``). Never sent or logged.
-        default_user: the user id for signals that name none.
-        session_id: the session id of every signal (default: a new UUID4 per client).
+        default_user: the user id for signals that name none. Without it, a random id made
+            once per installation and kept in a file (see ``default_user_file``) is used.
+        session_id: the session id of every signal (default: a new UUID4 per client);
+            ``new_session()`` starts another.
         test_mode: mark signals as test data (default False).
         default_payload: payload merged under every signal's own payload (the call wins).
+            The SDK parameters (``TelemetryDeck.SDK.*``, ``TelemetryDeck.Device.*``) are
+            added to every signal and cannot be overridden.
         batch_size: signals per request at most (default 100, as the official SDKs).
         max_batch_bytes: bytes per request body at most (default 1 MiB).
         flush_interval: seconds a signal may wait for a batch to fill (default 5).
@@ -76,6 +102,17 @@ class TelemetryClient:
         spool_max_age: seconds a spooled signal is kept (default 7 days).
         on_drop: ``on_drop(signals, reason)`` when signals are given up.
         on_error: ``on_error(exc)`` when the background task handles a delivery error.
+        app_version: your application's version, sent as ``TelemetryDeck.AppInfo.version``.
+        signal_prefix: prepended to every signal type (e.g. ``"MyApp."``), except types that
+            begin with ``TelemetryDeck.``.
+        payload_prefix: prepended to every payload key, default payload included, except
+            keys that begin with ``TelemetryDeck.``.
+        default_user_file: where the default user id is kept (default: in ``spool_dir`` when
+            set, else ``telemetrydeck-async/`` in the user data directory, e.g.
+            ``$XDG_DATA_HOME`` or ``~/.local/share`` on Linux). Written once, mode 0600.
+        enabled: False makes every call a no-op (arguments are still validated, so tests
+            catch bad calls): no task, no file, no network, all stats zero. The environment
+            variable ``TELEMETRYDECK_DISABLED=1`` does the same for every client.
     """
 
     def __init__(
@@ -103,6 +140,11 @@ class TelemetryClient:
         spool_max_age: float = 7 * 86400.0,
         on_drop: OnDrop | None = None,
         on_error: OnError | None = None,
+        app_version: str | None = None,
+        signal_prefix: str | None = None,
+        payload_prefix: str | None = None,
+        default_user_file: str | os.PathLike[str] | None = None,
+        enabled: bool = True,
     ) -> None:
         options: dict[str, Any] = {}
         if base_url is not _UNSET:
@@ -129,11 +171,29 @@ class TelemetryClient:
             spool_max_age=spool_max_age,
             on_drop=on_drop,
             on_error=on_error,
+            app_version=app_version,
+            signal_prefix=signal_prefix,
+            payload_prefix=payload_prefix,
+            default_user_file=default_user_file,
+            enabled=enabled,
             **options,
         )
+        self._enabled = config.enabled and not disabled_by_env()
         self._session_id = config.session_id or str(uuid.uuid4())
         self._hash_user = UserHasher(config.salt)
-        self._default_payload: dict[str, PayloadValue] = dict(config.default_payload)
+        self._signal_prefix = config.signal_prefix or ""
+        self._payload_prefix = prefix = config.payload_prefix or ""
+        # The base payload of every signal, built once: the (prefixed) default payload, then
+        # the SDK parameters, which nothing can override. Signals share this dict when the
+        # call has no payload of its own (signals never mutate their payload).
+        self._default_payload: dict[str, PayloadValue] = {
+            prefix + key: value for key, value in config.default_payload.items()
+        }
+        self._default_payload.update(sdk_parameters(config.app_version))
+        # None until a signal needs it: then read from (or created in) the default-user file.
+        self._default_user: str | None = config.default_user
+        if not self._enabled:
+            self._default_user = _DISABLED_USER
         self._accounting = Accounting(on_drop=config.on_drop, on_error=config.on_error)
         self._batcher = Batcher(
             app_id=config.app_id,
@@ -144,17 +204,51 @@ class TelemetryClient:
         self._flusher = Flusher(
             config=config,
             batcher=self._batcher,
-            transport=Transport(
-                config.endpoint_url,
-                config.request_timeout,
-                max_connections=config.max_concurrent_requests,
-            ),
+            transport=self._make_transport(config),
             accounting=self._accounting,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._close_result: FlushResult | None = None
         self._close_done = asyncio.Event()
+
+    def _make_transport(self, config: ClientConfig) -> Transport:
+        """The HTTP edge the flusher sends through.
+
+        A seam for :mod:`telemetrydeck_async.testing`, whose client records request bodies
+        instead of posting them; everything above the transport runs unchanged.
+        """
+        return Transport(
+            config.endpoint_url,
+            config.request_timeout,
+            max_connections=config.max_concurrent_requests,
+        )
+
+    @classmethod
+    def from_env(cls: type[_C], **overrides: Any) -> _C:
+        """A client configured from ``TELEMETRYDECK_*`` environment variables.
+
+        Reads ``TELEMETRYDECK_APP_ID`` (required), ``TELEMETRYDECK_NAMESPACE``,
+        ``TELEMETRYDECK_SALT``, ``TELEMETRYDECK_TEST_MODE`` (``1/true/yes/on`` or
+        ``0/false/no/off``), ``TELEMETRYDECK_BASE_URL`` and ``TELEMETRYDECK_SPOOL_DIR``; empty
+        variables count as unset. Keyword arguments are any constructor options and win over
+        the environment. A missing required variable raises :class:`ConfigurationError`
+        naming it, except when the client is disabled (``TELEMETRYDECK_DISABLED=1`` or
+        ``enabled=False``): an opted-out user needs no configuration.
+        """
+        options = options_from_env()
+        options.update(overrides)
+        app_id = options.pop("app_id", None)
+        if app_id is None:
+            if options.get("enabled") is False or disabled_by_env():
+                app_id = "disabled"
+            else:
+                raise ConfigurationError(
+                    "TELEMETRYDECK_APP_ID",
+                    "the environment variable is not set; set it to the app ID from the "
+                    "dashboard, or pass app_id=",
+                )
+        return cls(app_id, **options)
 
     # ----------------------------------------------------------------------------- properties
 
@@ -172,6 +266,11 @@ class TelemetryClient:
     def closed(self) -> bool:
         """True once ``aclose()`` was called."""
         return self._closed
+
+    @property
+    def enabled(self) -> bool:
+        """False when ``enabled=False`` or ``TELEMETRYDECK_DISABLED`` made this client a no-op."""
+        return self._enabled
 
     @property
     def stats(self) -> Stats:
@@ -198,8 +297,12 @@ class TelemetryClient:
         await self.aclose()
 
     async def start(self) -> None:
-        """Bind the client to the running loop and start its flusher (``async with`` does it)."""
-        self._bind_loop()
+        """Bind the client to the running loop and start its flusher (``async with`` does it).
+
+        A disabled client starts nothing.
+        """
+        if self._enabled:
+            self._bind_loop()
 
     def _bind_loop(self) -> None:
         if self._closed:
@@ -220,8 +323,33 @@ class TelemetryClient:
         until ``timeout`` seconds pass (None: no limit; delivery itself is bounded by the
         retry deadline). Never raises for delivery errors: read the result or ``stats``.
         """
+        if not self._enabled:
+            return FlushResult(sent=0, spooled=0, dropped={}, pending=0)
         self._bind_loop()
         return await self._flusher.flush(timeout)
+
+    async def new_session(
+        self,
+        session_id: str | None = None,
+        *,
+        client_user: str | None = None,
+        test_mode: bool | None = None,
+    ) -> str:
+        """Start a new session and send ``TelemetryDeck.Session.started``; return its id.
+
+        Later signals that name no session carry the new id: ``session_id`` when given, else
+        a new UUID4. The client does not send ``Session.started`` for the session it begins
+        with; call this when your application has a notion of sessions (a login, a job).
+        """
+        if session_id is None:
+            session_id = str(uuid.uuid4())
+        elif type(session_id) is not str or not session_id:
+            raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        await self._emit(
+            SESSION_STARTED, {}, client_user=client_user, session_id=session_id, test_mode=test_mode
+        )
+        self._session_id = session_id
+        return session_id
 
     async def aclose(self, timeout: float | None = None) -> FlushResult:
         """Flush, then stop: bounded by ``timeout`` (default ``close_timeout``), idempotent.
@@ -266,28 +394,42 @@ class TelemetryClient:
         payload: Mapping[str, Any] | None,
         float_value: float | None,
         test_mode: bool | None,
+        params: dict[str, PayloadValue] | None = None,
     ) -> Signal:
-        if (
-            type(signal_type) is not str
-            or not signal_type
-            or signal_type.startswith(SDK_KEY_PREFIX)
-            or signal_type.isspace()
-        ):
-            validate_type(signal_type)  # raises with the precise reason
-        user = client_user if client_user is not None else self._config.default_user
+        # ``params``: the TelemetryDeck keys of a preset, already validated. Only presets pass
+        # them, and only they may use a reserved type (they never pass a caller's unchecked one).
+        if params is None:
+            if (
+                type(signal_type) is not str
+                or not signal_type
+                or signal_type.startswith(SDK_KEY_PREFIX)
+                or signal_type.isspace()
+            ):
+                validate_type(signal_type)  # raises with the precise reason
+            if self._signal_prefix:
+                signal_type = self._signal_prefix + signal_type
+        elif self._signal_prefix and not signal_type.startswith(SDK_KEY_PREFIX):
+            signal_type = self._signal_prefix + signal_type
+        user = client_user if client_user is not None else self._default_user
         if user is None:
-            raise InvalidSignalError(
-                "client_user", "no client_user given and the client has no default_user"
-            )
+            user = self._resolve_default_user()
         hashed = self._hash_user(user)
         if payload:
             own = normalize_payload(payload)
-            merged = {**self._default_payload, **own} if self._default_payload else own
+            if self._payload_prefix:
+                prefix = self._payload_prefix
+                merged = self._default_payload.copy()
+                for key, value in own.items():
+                    merged[prefix + key] = value
+            else:
+                merged = {**self._default_payload, **own}
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             # Signals never mutate their payload, so they can share the default one.
             merged = self._default_payload
+        if params:
+            merged = {**merged, **params}
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -310,6 +452,20 @@ class TelemetryClient:
                     f"the signal encodes to {size} bytes, more than max_batch_bytes allows",
                 )
         return signal
+
+    def _resolve_default_user(self) -> str:
+        # Once per client, on the first signal that names no user: a small file read (and on
+        # the very first run, one write). Cheap enough to do inline, and doing it lazily means
+        # clients that always pass client_user never create the file.
+        path = default_user_path(
+            self._config.app_id, self._config.spool_dir, self._config.default_user_file
+        )
+        user, created = load_or_create_default_user(path)
+        self._default_user = user
+        if created:
+            # A new installation, as the official SDKs report on first launch.
+            self._enqueue(self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {}))
+        return user
 
     def _enqueue(self, signal: Signal) -> bool:
         self._accounting.enqueued += 1
@@ -344,15 +500,39 @@ class TelemetryClient:
             test_mode: overrides the client's ``test_mode`` for this signal.
         """
         if self._loop is not asyncio.get_running_loop() or self._closed:
+            if not self._enabled:
+                self._validate_disabled(
+                    signal_type, client_user, session_id, payload, float_value, test_mode
+                )
+                return
             self._bind_loop()
         signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
-        batcher = self._batcher
-        if not batcher.space.is_set() and self._flusher.healthy:
+        if not self._batcher.space.is_set():
+            await self._wait_for_room()
+        self._enqueue(signal)
+
+    async def _wait_for_room(self) -> None:
+        if self._flusher.healthy:
             # Backpressure: a full queue with a healthy endpoint drains within a request's
             # time, so waiting here beats dropping a burst. Bounded, never forever.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(batcher.space.wait(), self._config.request_timeout)
-        self._enqueue(signal)
+                await asyncio.wait_for(self._batcher.space.wait(), self._config.request_timeout)
+
+    def _validate_disabled(
+        self,
+        signal_type: str,
+        client_user: str | None,
+        session_id: str | None,
+        payload: Mapping[str, Any] | None,
+        float_value: float | None,
+        test_mode: bool | None,
+        params: dict[str, PayloadValue] | None = None,
+    ) -> None:
+        # A disabled client checks the call like an enabled one (so tests run with telemetry
+        # off still catch bad calls) and then drops it: nothing is queued or counted.
+        if self._closed:
+            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+        self._build(signal_type, client_user, session_id, payload, float_value, test_mode, params)
 
     def signal_nowait(
         self,
@@ -373,12 +553,79 @@ class TelemetryClient:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is not self._loop or self._closed:
-            if loop is None:
-                raise WrongEventLoopError(
-                    "signal_nowait() must be called from the client's event loop thread"
-                )
-            self._bind_loop()
+        if (loop is not self._loop or self._closed) and not self._nowait_ready():
+            self._validate_disabled(
+                signal_type, client_user, session_id, payload, float_value, test_mode
+            )
+            return
         self._enqueue(
             self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
+        )
+
+    def _nowait_ready(self) -> bool:
+        """Bind to the running loop for a synchronous call; False for a disabled client.
+
+        Raises ``WrongEventLoopError`` off the loop thread and ``ClientClosedError`` when
+        closed, so a ``with td.duration(...)`` fails before its block runs.
+        """
+        if not self._enabled:
+            return False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoopError(
+                "signal_nowait() must be called from the client's event loop thread"
+            ) from None
+        self._bind_loop()
+        return True
+
+    # ----------------------------------------------------------------------------- presets
+
+    async def _emit(
+        self,
+        signal_type: str,
+        params: dict[str, PayloadValue],
+        *,
+        client_user: str | None = None,
+        session_id: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        float_value: float | None = None,
+        test_mode: bool | None = None,
+    ) -> None:
+        """``signal()`` for presets: ``params`` are their validated ``TelemetryDeck.`` keys."""
+        if self._loop is not asyncio.get_running_loop() or self._closed:
+            if not self._enabled:
+                self._validate_disabled(
+                    signal_type, client_user, session_id, payload, float_value, test_mode, params
+                )
+                return
+            self._bind_loop()
+        signal = self._build(
+            signal_type, client_user, session_id, payload, float_value, test_mode, params
+        )
+        if not self._batcher.space.is_set():
+            await self._wait_for_room()
+        self._enqueue(signal)
+
+    def _emit_nowait(
+        self,
+        signal_type: str,
+        params: dict[str, PayloadValue],
+        *,
+        client_user: str | None = None,
+        session_id: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        float_value: float | None = None,
+        test_mode: bool | None = None,
+    ) -> None:
+        """``signal_nowait()`` for presets (the duration timer's exit)."""
+        if not self._nowait_ready():
+            self._validate_disabled(
+                signal_type, client_user, session_id, payload, float_value, test_mode, params
+            )
+            return
+        self._enqueue(
+            self._build(
+                signal_type, client_user, session_id, payload, float_value, test_mode, params
+            )
         )

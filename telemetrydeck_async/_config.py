@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -16,10 +17,19 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._retry import RetryPolicy
-from ._signal import PayloadValue, normalize_payload
+from ._signal import SDK_KEY_PREFIX, PayloadValue, normalize_payload
 from .exceptions import ConfigurationError, InvalidSignalError
 
-__all__ = ["DEFAULT_BASE_URL", "ClientConfig", "Durability", "OnDrop", "OnError"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ENV_VARIABLES",
+    "ClientConfig",
+    "Durability",
+    "OnDrop",
+    "OnError",
+    "disabled_by_env",
+    "options_from_env",
+]
 
 DEFAULT_BASE_URL: Final = "https://nom.telemetrydeck.com"
 
@@ -112,6 +122,31 @@ def _check_optional_str(_inst: object, attr: attrs.Attribute[str | None], value:
         raise ConfigurationError(attr.name, "must be a non-empty str or None")
 
 
+def _check_prefix(_inst: object, attr: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(attr.name, "must be a non-empty str (e.g. 'MyApp.') or None")
+    if value.startswith(SDK_KEY_PREFIX):
+        raise ConfigurationError(
+            attr.name, f"must not begin with {SDK_KEY_PREFIX!r}: that prefix is reserved"
+        )
+
+
+def _optional_path(value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        path = os.fspath(value)  # type: ignore[call-overload]  # checked by the except below
+    except TypeError:
+        raise ConfigurationError(
+            "default_user_file", f"must be a path or None, got {type(value).__name__}"
+        ) from None
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError("default_user_file", "must be a non-empty str path or None")
+    return path
+
+
 def _check_retry(_inst: object, _attr: object, value: object) -> None:
     if not isinstance(value, RetryPolicy):
         raise ConfigurationError("retry", "must be a telemetrydeck_async.RetryPolicy")
@@ -149,12 +184,19 @@ class ClientConfig:
     spool_max_age: float = attrs.field(default=7 * 86400.0, validator=_positive_float)
     on_drop: OnDrop | None = None
     on_error: OnError | None = None
+    app_version: str | None = attrs.field(default=None, validator=_check_optional_str)
+    signal_prefix: str | None = attrs.field(default=None, validator=_check_prefix)
+    payload_prefix: str | None = attrs.field(default=None, validator=_check_prefix)
+    default_user_file: str | None = attrs.field(default=None, converter=_optional_path)
+    enabled: bool = True
 
     def __attrs_post_init__(self) -> None:
         if type(self.salt) is not str:
             raise ConfigurationError("salt", "must be a str (the empty string is the default)")
         if type(self.test_mode) is not bool:
             raise ConfigurationError("test_mode", "must be a bool")
+        if type(self.enabled) is not bool:
+            raise ConfigurationError("enabled", "must be a bool")
         if self.max_batch_bytes < 1024:
             raise ConfigurationError("max_batch_bytes", "must be at least 1024 bytes")
 
@@ -164,3 +206,53 @@ class ClientConfig:
         if self.namespace is None:
             return f"{self.base_url}/v2/"
         return f"{self.base_url}/v2/namespace/{self.namespace}/"
+
+
+#: The environment variables ``TelemetryClient.from_env()`` reads, and the option each sets.
+ENV_VARIABLES: Final[Mapping[str, str]] = {
+    "TELEMETRYDECK_APP_ID": "app_id",
+    "TELEMETRYDECK_NAMESPACE": "namespace",
+    "TELEMETRYDECK_SALT": "salt",
+    "TELEMETRYDECK_TEST_MODE": "test_mode",
+    "TELEMETRYDECK_BASE_URL": "base_url",
+    "TELEMETRYDECK_SPOOL_DIR": "spool_dir",
+}
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
+
+
+def disabled_by_env(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``TELEMETRYDECK_DISABLED`` is set to anything but ``0/false/no/off``/empty.
+
+    Read by every client, not only ``from_env()``: it is the user's opt-out, so an unexpected
+    value errs on the side of sending nothing rather than failing the application.
+    """
+    value = (os.environ if environ is None else environ).get("TELEMETRYDECK_DISABLED", "")
+    return value.strip().lower() not in _FALSE
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Client options from the ``TELEMETRYDECK_*`` variables that are set and non-empty.
+
+    ``TELEMETRYDECK_TEST_MODE`` must be ``1/true/yes/on`` or ``0/false/no/off``; anything else
+    raises :class:`ConfigurationError` naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    options: dict[str, Any] = {}
+    for variable, option in ENV_VARIABLES.items():
+        raw = env.get(variable, "")
+        if not raw.strip():
+            continue
+        if option == "test_mode":
+            flag = raw.strip().lower()
+            if flag not in _TRUE and flag not in _FALSE:
+                raise ConfigurationError(
+                    variable, f"must be one of 1/true/yes/on or 0/false/no/off, got {raw!r}"
+                )
+            options[option] = flag in _TRUE
+        elif option == "salt":
+            options[option] = raw  # whitespace may be part of a salt: keep it as given
+        else:
+            options[option] = raw.strip()
+    return options

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import platform
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from telemetrydeck_async import RetryPolicy, TelemetryClient
+from telemetrydeck_async import RetryPolicy, TelemetryClient, __version__
 from telemetrydeck_async.devserver import IngestEmulator
 
 #: A retry policy with short waits, so fault tests take milliseconds instead of seconds.
@@ -18,6 +19,31 @@ FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=5.0)
 def sha256_hex(text: str) -> str:
     """The hash the official SDKs send as clientUser, computed independently of the package."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sdk_parameters(**extra: str) -> dict[str, str]:
+    """The TelemetryDeck parameters every signal's payload carries, derived independently."""
+    system = {"Darwin": "macOS"}.get(platform.system(), platform.system())
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "aarch64": "arm64"}.get(machine, machine)
+    return {
+        "TelemetryDeck.SDK.name": "PythonAsyncSDK",
+        "TelemetryDeck.SDK.version": __version__,
+        "TelemetryDeck.SDK.nameAndVersion": f"PythonAsyncSDK {__version__}",
+        "TelemetryDeck.SDK.pythonVersion": platform.python_version(),
+        "TelemetryDeck.Device.operatingSystem": system,
+        "TelemetryDeck.Device.architecture": machine,
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default-user files go to a temporary data dir, never the real home (also for the CLI)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+    monkeypatch.delenv("TELEMETRYDECK_DISABLED", raising=False)
 
 
 @pytest.fixture

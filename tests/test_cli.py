@@ -7,7 +7,7 @@ import sys
 
 from telemetrydeck_async.devserver import IngestEmulator
 
-from .conftest import sha256_hex
+from .conftest import sdk_parameters, sha256_hex
 
 
 async def run_cli(*args: str, timeout: float = 120) -> tuple[int, str, str]:
@@ -62,7 +62,12 @@ async def test_send_delivers_one_signal(emulator: IngestEmulator) -> None:
     (signal,) = emulator.signals
     assert signal["type"] == "Cli.used"
     assert signal["clientUser"] == sha256_hex("bob")
-    assert signal["payload"] == {"Cli.count": 3, "Cli.name": "x", "Cli.ok": True}
+    assert signal["payload"] == {
+        "Cli.count": 3,
+        "Cli.name": "x",
+        "Cli.ok": True,
+        **sdk_parameters(),
+    }
     assert signal["floatValue"] == 2.5
     assert signal["isTestMode"] is True
 

@@ -19,7 +19,7 @@ from telemetrydeck_async._batcher import Batch, Batcher
 from telemetrydeck_async._transport import USER_AGENT
 from telemetrydeck_async.devserver import IngestEmulator
 
-from .conftest import ClientFactory, sha256_hex
+from .conftest import ClientFactory, sdk_parameters, sha256_hex
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -46,7 +46,7 @@ async def test_exact_json_body_for_a_known_signal(
         "type": "Checkout.Payment.completed",
         "isTestMode": True,
         "floatValue": 19.99,
-        "payload": {"Cart.items": 3, "Cart.coupon": True},
+        "payload": {"Cart.items": 3, "Cart.coupon": True, **sdk_parameters()},
     }
     assert ISO_Z.match(received_at)
     sent_at = dt.datetime.strptime(received_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(

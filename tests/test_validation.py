@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from telemetrydeck_async import (
 )
 from telemetrydeck_async.devserver import IngestEmulator
 
-from .conftest import ClientFactory
+from .conftest import ClientFactory, sdk_parameters, sha256_hex
 
 BAD_SIGNALS: list[tuple[str, dict[str, Any], str]] = [
     ("empty type", {"signal_type": ""}, "type"),
@@ -80,12 +81,18 @@ async def test_bad_signal_raises_naming_field_and_enqueues_nothing(
     assert [s["type"] for s in emulator.signals] == ["App.stillWorks"]
 
 
-async def test_no_user_and_no_default_user_is_refused(make_client: ClientFactory) -> None:
-    """Without client_user and without default_user there is nobody to hash: refused."""
-    td = make_client(default_user=None)
-    with pytest.raises(InvalidSignalError) as info:
-        await td.signal("App.launched")
-    assert info.value.field == "client_user"
+async def test_no_user_and_no_default_user_uses_the_persisted_random_id(
+    make_client: ClientFactory, emulator: IngestEmulator, tmp_path: Path
+) -> None:
+    """Without client_user or default_user, the installation's persisted random id is used."""
+    user_file = tmp_path / "default-user.id"
+    td = make_client(default_user=None, default_user_file=user_file)
+    await td.signal("App.launched")
+    await td.flush()
+    stored = user_file.read_text().strip()
+    assert [s["clientUser"] for s in emulator.signals if s["type"] == "App.launched"] == [
+        sha256_hex(stored)
+    ]
 
 
 class Plan(enum.Enum):
@@ -122,6 +129,7 @@ async def test_payload_values_are_normalised(
         "A.count": 3,
         "A.ratio": 0.5,
         "A.text": "héllo ✓",
+        **sdk_parameters(),
     }
 
 
