@@ -37,6 +37,7 @@ from ._signal import (
     PayloadValue,
     Signal,
     UserHasher,
+    check_utf8,
     encode_signal,
     normalize_payload,
     validate_float_value,
@@ -404,6 +405,7 @@ class TelemetryClient(Presets):
                 or not signal_type
                 or signal_type.startswith(SDK_KEY_PREFIX)
                 or signal_type.isspace()
+                or not signal_type.isascii()  # the rare non-ASCII type: check it encodes
             ):
                 validate_type(signal_type)  # raises with the precise reason
             if self._signal_prefix:
@@ -440,6 +442,8 @@ class TelemetryClient(Presets):
             session_id = self._session_id
         elif type(session_id) is not str or not session_id:
             raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        elif not session_id.isascii():
+            check_utf8("session_id", session_id)
         signal = Signal(
             signal_type, hashed, session_id, test_mode, merged, float_value, time.time()
         )

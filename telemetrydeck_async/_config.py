@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._retry import RetryPolicy
-from ._signal import SDK_KEY_PREFIX, PayloadValue, normalize_payload
+from ._signal import SDK_KEY_PREFIX, PayloadValue, lone_surrogate, normalize_payload
 from .exceptions import ConfigurationError, InvalidSignalError
 
 __all__ = [
@@ -197,6 +197,22 @@ class ClientConfig:
             raise ConfigurationError("test_mode", "must be a bool")
         if type(self.enabled) is not bool:
             raise ConfigurationError("enabled", "must be a bool")
+        # Text that ends up in every signal: one that cannot be encoded would fail every batch.
+        for name in (
+            "app_id",
+            "salt",
+            "default_user",
+            "session_id",
+            "app_version",
+            "signal_prefix",
+            "payload_prefix",
+        ):
+            value = getattr(self, name)
+            bad = lone_surrogate(value) if isinstance(value, str) else None
+            if bad is not None:
+                raise ConfigurationError(
+                    name, f"contains the lone surrogate {bad!r}, which cannot be encoded as UTF-8"
+                )
         if self.max_batch_bytes < 1024:
             raise ConfigurationError("max_batch_bytes", "must be at least 1024 bytes")
 

@@ -26,7 +26,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, TypeVar, overload
 
-from ._signal import PayloadValue, normalize_payload, validate_float_value, validate_type
+from ._signal import (
+    PayloadValue,
+    check_utf8,
+    normalize_payload,
+    validate_float_value,
+    validate_type,
+)
 from .exceptions import InvalidSignalError
 
 __all__ = ["Duration", "ErrorCategory", "Presets", "PurchaseType", "exception_id"]
@@ -86,7 +92,9 @@ def _text(field: str, value: object, *, allow_empty: bool = False) -> str:
         raise InvalidSignalError(field, f"must be a str, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise InvalidSignalError(field, "must be a non-empty string")
-    return str.__str__(value)
+    text = str.__str__(value)
+    check_utf8(field, text)
+    return text
 
 
 def _optional_text(field: str, value: object) -> str | None:

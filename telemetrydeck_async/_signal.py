@@ -29,8 +29,10 @@ __all__ = [
     "PayloadValue",
     "Signal",
     "UserHasher",
+    "check_utf8",
     "encode_signal",
     "format_received_at",
+    "lone_surrogate",
     "normalize_payload",
     "validate_type",
 ]
@@ -61,10 +63,41 @@ SDK_KEY_PREFIX: Final = "TelemetryDeck."
 # so an exact check also keeps it apart from numbers where that matters (floatValue).
 _PASS_THROUGH: Final = frozenset({str, int, bool})
 
+# Payload ints must fit in 64 bits: the ingest server (and most JSON readers) cannot hold more,
+# and past 4,300 digits Python's own json.dumps refuses them, which would fail a whole batch.
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
 # Worst case bytes one character can take in our JSON: a control character escaped as \uXXXX.
 _MAX_BYTES_PER_CHAR: Final = 6
 # Fixed overhead of a signal object besides its strings: field names, quotes, commas, numbers.
 _SIGNAL_OVERHEAD: Final = 256
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text``, or None when all of it can be encoded as UTF-8.
+
+    A Python str may hold lone surrogates (``os.fsdecode`` of undecodable bytes, the
+    ``surrogateescape`` handler, a JSON ``"\\ud800"``), but a request body cannot: one such
+    signal would fail its whole batch in the background. ASCII text, the usual case, is
+    recognised in constant time.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
+
+
+def check_utf8(field: str, text: str) -> None:
+    """Raise ``InvalidSignalError`` for ``field`` if ``text`` holds a lone surrogate."""
+    bad = lone_surrogate(text)
+    if bad is not None:
+        raise InvalidSignalError(
+            field, f"contains the lone surrogate {bad!r}, which cannot be encoded as UTF-8"
+        )
 
 
 def validate_type(signal_type: object, *, allow_reserved: bool = False) -> str:
@@ -73,6 +106,7 @@ def validate_type(signal_type: object, *, allow_reserved: bool = False) -> str:
         raise InvalidSignalError("type", f"must be a str, got {type(signal_type).__name__}")
     if not signal_type or signal_type.isspace():
         raise InvalidSignalError("type", "must be a non-empty string")
+    check_utf8("type", signal_type)
     if not allow_reserved and signal_type.startswith(SDK_KEY_PREFIX):
         raise InvalidSignalError(
             "type", f"{signal_type!r}: types beginning with {SDK_KEY_PREFIX!r} are reserved"
@@ -84,6 +118,13 @@ def _normalize_value(key: str, value: object) -> PayloadValue | None:
     """Turn one payload value into a JSON primitive, or raise naming the key."""
     kind = type(value)
     if kind in _PASS_THROUGH:
+        if kind is str:
+            check_utf8(f"payload[{key!r}]", value)  # type: ignore[arg-type]  # kind is str
+        elif kind is int and not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]  # int
+            raise InvalidSignalError(
+                f"payload[{key!r}]",
+                f"ints must fit in 64 bits ({_INT_MIN} to {_INT_MAX}); send larger ones as a str",
+            )
         return value  # type: ignore[return-value]  # the exact-type check above narrows it
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]  # kind is float
@@ -93,7 +134,12 @@ def _normalize_value(key: str, value: object) -> PayloadValue | None:
         return None
     if isinstance(value, _dt.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+            try:
+                value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+            except OverflowError:  # e.g. year 1 at UTC+14: no such time in UTC
+                raise InvalidSignalError(
+                    f"payload[{key!r}]", "is outside the range of datetime once in UTC"
+                ) from None
             return value.isoformat(timespec="milliseconds") + "Z"
         return value.isoformat(timespec="milliseconds")
     if isinstance(value, _dt.date):
@@ -104,11 +150,15 @@ def _normalize_value(key: str, value: object) -> PayloadValue | None:
             raise InvalidSignalError(f"payload[{key!r}]", "an enum whose value is an enum")
         return _normalize_value(key, inner)
     if isinstance(value, str):  # a str subclass: send its plain text
-        return str.__str__(value)
+        return _normalize_value(key, str.__str__(value))
     if isinstance(value, numbers.Integral):  # int subclasses, numpy integers
-        return int(value)
+        return _normalize_value(key, int(value))
     if isinstance(value, numbers.Real):  # float subclasses, numpy floats, Decimal-likes
-        return _normalize_value(key, float(value))
+        try:
+            as_float = float(value)
+        except OverflowError:  # e.g. a Fraction too large for a float
+            raise InvalidSignalError(f"payload[{key!r}]", "is too large for a float") from None
+        return _normalize_value(key, as_float)
     if isinstance(value, (Mapping, list, tuple, set, frozenset)):
         raise InvalidSignalError(
             f"payload[{key!r}]",
@@ -147,9 +197,16 @@ def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[
                 )
         if not key:
             raise InvalidSignalError("payload", "keys must be non-empty strings")
-        if type(value) in pass_through:
+        if not key.isascii():
+            check_utf8(f"payload[{key!r}]", key)
+        kind = type(value)
+        if kind in pass_through and (
+            value.isascii() if kind is str else kind is bool or _INT_MIN <= value <= _INT_MAX
+        ):
             out[key] = value
             continue
+        # Everything else, and the plain values past a limit (a lone surrogate, an int past
+        # 64 bits), takes the slow path, which normalises the value or raises the reason.
         normalized = _normalize_value(key, value)
         if normalized is not None:
             out[key] = normalized
@@ -159,12 +216,15 @@ def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[
 def validate_float_value(value: object) -> float:
     """Return ``value`` as a finite float, else raise ``InvalidSignalError`` for ``float_value``."""
     kind = type(value)
-    if kind is float or kind is int:
-        number = float(value)  # type: ignore[arg-type]  # kind checked above
-    elif kind is not bool and isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        raise InvalidSignalError("float_value", f"must be a number, got {kind.__name__}")
+    try:
+        if kind is float or kind is int:
+            number = float(value)  # type: ignore[arg-type]  # kind checked above
+        elif kind is not bool and isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            raise InvalidSignalError("float_value", f"must be a number, got {kind.__name__}")
+    except OverflowError:  # an int past the largest float
+        raise InvalidSignalError("float_value", "is too large for a float") from None
     if not math.isfinite(number):
         raise InvalidSignalError("float_value", f"must be finite, got {value!r}")
     return number
@@ -323,6 +383,7 @@ class UserHasher:
             return cached
         if not user_id:
             raise InvalidSignalError("client_user", "must be a non-empty string")
+        check_utf8("client_user", user_id)
         digest = hashlib.sha256((user_id + self._salt).encode()).hexdigest()
         if len(self._cache) >= self._max_entries:
             self._cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
