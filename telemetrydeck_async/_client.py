@@ -557,7 +557,7 @@ class TelemetryClient(Presets):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if (loop is not self._loop or self._closed) and not self._nowait_ready():
+        if (loop is None or loop is not self._loop or self._closed) and not self._nowait_ready():
             self._validate_disabled(
                 signal_type, client_user, session_id, payload, float_value, test_mode
             )

@@ -23,13 +23,15 @@ of signal objects a server would have received::
 Assertions compare with the wire: signal types and payload keys as sent (after any
 ``signal_prefix``/``payload_prefix``), payloads as a subset (the SDK parameters every signal
 carries need not be listed), ``client_user`` as the raw id (hashed with the client's salt for
-you). ``unittest.mock.ANY`` matches any value that is present.
+you), floats with a relative tolerance of 1e-9. ``unittest.mock.ANY`` matches any value that
+is present.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -105,6 +107,10 @@ class RecordingClient(TelemetryClient):
         self._recorder = RecordingTransport(config.endpoint_url, config.request_timeout)
         return self._recorder
 
+    async def __aenter__(self) -> RecordingClient:
+        await super().__aenter__()
+        return self
+
     @property
     def transport(self) -> RecordingTransport:
         """The recording transport (its ``requests`` are the request bodies, decoded)."""
@@ -169,6 +175,14 @@ def _same(expected: object, actual: object) -> bool:
     # JSON keeps true apart from 1; so do we (Python alone would say True == 1).
     if isinstance(expected, bool) or isinstance(actual, bool):
         return isinstance(expected, bool) and isinstance(actual, bool) and expected == actual
+    # Amounts are usually computed (10.0 + 9.99 is 19.990000000000002): compare floats with a
+    # tiny relative tolerance instead of failing on the last binary digit.
+    if (
+        isinstance(expected, (int, float))
+        and isinstance(actual, (int, float))
+        and (isinstance(expected, float) or isinstance(actual, float))
+    ):
+        return math.isclose(expected, actual, rel_tol=1e-9, abs_tol=1e-12)
     return expected == actual
 
 
@@ -222,6 +236,7 @@ def assert_signal_sent(
             client's salt (with the empty salt when ``recorded`` is a plain list).
         session_id, test_mode: compared with ``sessionID`` and ``isTestMode``.
         float_value: compared with ``floatValue``; ``None`` means "no floatValue".
+            Numbers that are floats compare with a relative tolerance of 1e-9.
 
     Raises:
         AssertionError: with what was expected, how each signal of that type differs, which
