@@ -234,7 +234,8 @@ def assert_signal_sent(
         count: when given, exactly this many signals must match.
         client_user: the raw user id; compared with ``clientUser`` after hashing it with the
             client's salt (with the empty salt when ``recorded`` is a plain list).
-        session_id, test_mode: compared with ``sessionID`` and ``isTestMode``.
+        session_id: compared with ``sessionID``.
+        test_mode: compared with ``isTestMode``.
         float_value: compared with ``floatValue``; ``None`` means "no floatValue".
             Numbers that are floats compare with a relative tolerance of 1e-9.
 

@@ -64,6 +64,8 @@ class Wrapper(enum.Enum):
 class Tag(str):
     """A str subclass, as some libraries hand out (sent as its text)."""
 
+    __slots__ = ()
+
 
 class Count(int):
     """An int subclass (sent as its int value)."""
