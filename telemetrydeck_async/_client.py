@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 from ._batcher import Batcher
 from ._config import (
+    DEFAULT_BASE_URL,
     ClientConfig,
     Durability,
     OnDrop,
@@ -54,7 +55,6 @@ from .exceptions import (
 
 __all__ = ["TelemetryClient"]
 
-_UNSET: Any = object()
 # A disabled client validates calls but never hashes a real id or touches the default-user file.
 _DISABLED_USER: Final = "telemetrydeck-async-disabled"
 
@@ -121,7 +121,7 @@ class TelemetryClient(Presets):
         app_id: str,
         *,
         namespace: str | None = None,
-        base_url: str = _UNSET,
+        base_url: str = DEFAULT_BASE_URL,
         salt: str = "",
         default_user: str | None = None,
         session_id: str | None = None,
@@ -147,9 +147,6 @@ class TelemetryClient(Presets):
         default_user_file: str | os.PathLike[str] | None = None,
         enabled: bool = True,
     ) -> None:
-        options: dict[str, Any] = {}
-        if base_url is not _UNSET:
-            options["base_url"] = base_url
         self._config = config = ClientConfig(
             app_id=app_id,
             namespace=namespace,
@@ -177,7 +174,7 @@ class TelemetryClient(Presets):
             payload_prefix=payload_prefix,
             default_user_file=default_user_file,
             enabled=enabled,
-            **options,
+            base_url=base_url,
         )
         self._enabled = config.enabled and not disabled_by_env()
         self._session_id = config.session_id or str(uuid.uuid4())
