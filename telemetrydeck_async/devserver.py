@@ -6,28 +6,27 @@ as a ``400`` naming the signal and the field instead of silently passing a mock.
 
 Three ways to use it:
 
-* in tests, in-process, on ``127.0.0.1`` port 0::
-
-      async with IngestEmulator(faults=FaultPlan(fail_next=2, retry_after="1")) as emu:
-          client = TelemetryClient(app_id=..., base_url=emu.base_url)
-          ...
-          assert await emu.wait_for_signals(10)
-          emu.faults.reset_next = 1          # the live plan can be changed at any time
-
+* in tests, in-process, on ``127.0.0.1`` port 0 (see the example below);
 * from a shell: ``python -m telemetrydeck_async devserver --port 8787 --fail-fraction 0.2``
   (see :func:`run_devserver`, :func:`add_devserver_arguments`, :func:`devserver_main`);
 * in another process on a fixed port, started and stopped again to simulate an outage.
 
+In a test::
+
+    async with IngestEmulator(faults=FaultPlan(fail_next=2, retry_after="1")) as emu:
+        client = TelemetryClient(app_id=..., base_url=emu.base_url)
+        ...
+        assert await emu.wait_for_signals(10)
+        emu.faults.reset_next = 1          # the live plan can be changed at any time
+
 Routes:
 
-======================================  =====================================================
-``POST /v2/namespace/{namespace}/``     ingest (the namespace must match ``[A-Za-z0-9._-]+``)
-``POST /v2/``                           ingest, older URL without a namespace
-``GET /signals``                        every accepted signal, as a JSON list
-``GET /stats``                          counters: signals, batches, requests, distinct, ...
-``POST /_faults``                       update the live :class:`FaultPlan` from a JSON object
-``POST /_reset``                        forget everything recorded (not the fault plan)
-======================================  =====================================================
+* ``POST /v2/namespace/{namespace}/``: ingest (the namespace must match ``[A-Za-z0-9._-]+``)
+* ``POST /v2/``: ingest, the older URL without a namespace
+* ``GET /signals``: every accepted signal, as a JSON list
+* ``GET /stats``: counters: signals, batches, requests, distinct, ...
+* ``POST /_faults``: update the live :class:`FaultPlan` from a JSON object
+* ``POST /_reset``: forget everything recorded (not the fault plan)
 
 Faults apply to the ingest routes only, so the control routes keep working while the
 emulator plays a broken server. It binds loopback addresses only: it is a development tool.
