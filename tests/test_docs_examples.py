@@ -169,9 +169,13 @@ def _is_loopback(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def _redirected_clients(base_url: str) -> Iterator[None]:
-    """Point every client an example builds at ``base_url``; refuse anything off-machine."""
+def _redirected_clients(base_url: str) -> Iterator[list[TelemetryClient]]:
+    """Point every client an example builds at ``base_url``; refuse anything off-machine.
+
+    Yields the list of the clients built meanwhile, so that they can all be closed.
+    """
     original = TelemetryClient.__init__
+    built: list[TelemetryClient] = []
 
     def redirecting_init(self: TelemetryClient, *args: Any, **options: Any) -> None:
         url = options.get("base_url", DEFAULT_BASE_URL)
@@ -184,10 +188,11 @@ def _redirected_clients(base_url: str) -> Iterator[None]:
                 "<!-- docs-test: skip -->)"
             )
         original(self, *args, **options)
+        built.append(self)
 
     TelemetryClient.__init__ = redirecting_init  # type: ignore[method-assign]  # restored below
     try:
-        yield
+        yield built
     finally:
         TelemetryClient.__init__ = original  # type: ignore[method-assign]  # the original
 
@@ -235,7 +240,7 @@ def run_page(page: Path, workdir: Path) -> IngestEmulator:
     environ_before = dict(os.environ)
     sys.path.insert(0, str(workdir))
     try:
-        with ThreadedEmulator() as emulator, _redirected_clients(emulator.base_url):
+        with ThreadedEmulator() as emulator, _redirected_clients(emulator.base_url) as clients:
             namespace: dict[str, Any] = {
                 "__name__": "__main__",
                 "BASE_URL": emulator.base_url,
@@ -264,7 +269,7 @@ def run_page(page: Path, workdir: Path) -> IngestEmulator:
                                 "conventions: tests/test_docs_examples.py)"
                             ) from exc
             finally:
-                _close_clients(namespace, loop)
+                _close_clients(clients, loop)
     finally:
         loop.close()
         os.environ.clear()
@@ -277,15 +282,11 @@ def run_page(page: Path, workdir: Path) -> IngestEmulator:
     return emulator
 
 
-def _close_clients(namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+def _close_clients(clients: list[TelemetryClient], loop: asyncio.AbstractEventLoop) -> None:
     """Close the clients the examples left open on the page's loop (as a program would)."""
-    for value in list(namespace.values()):
-        if (
-            isinstance(value, TelemetryClient)
-            and not value.closed
-            and getattr(value, "_loop", None) in (None, loop)
-        ):
-            loop.run_until_complete(value.aclose(timeout=10))
+    for client in clients:
+        if not client.closed and getattr(client, "_loop", None) in (None, loop):
+            loop.run_until_complete(client.aclose(timeout=10))
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_EXAMPLES, ids=_page_id)
