@@ -96,6 +96,45 @@ async def _queue_client(n: int, trace: bool) -> dict[str, Any]:
     return out
 
 
+async def _outage(n: int, trace: bool) -> dict[str, Any]:
+    """Default queue bound, endpoint down: RSS once the queue is full, and after n more signals."""
+    import logging
+
+    from telemetrydeck_async import RetryPolicy, TelemetryClient
+
+    logging.getLogger("telemetrydeck_async").setLevel(logging.ERROR)  # the drops are expected
+    td = TelemetryClient(
+        APP_ID,
+        namespace=NAMESPACE,
+        base_url=f"http://127.0.0.1:{closed_loopback_port()}",
+        salt=SALT,
+        session_id=SESSION_ID,
+        retry=RetryPolicy(initial_backoff=600.0, max_backoff=600.0, deadline=3600.0),
+    )
+    await td.start()
+    bound = td.config.max_queue_size
+    for i in range(bound + 1_000):
+        td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
+        if i % 1_000 == 0:
+            await asyncio.sleep(0)
+    gc.collect()
+    full = _rss_kib()
+    for i in range(n):
+        td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
+        if i % 1_000 == 0:
+            await asyncio.sleep(0)
+    gc.collect()
+    out = {
+        "rss_full_kib": full,
+        "rss_after_kib": _rss_kib(),
+        "bound": bound,
+        "dropped": td.stats.dropped_total,
+        "pending": td.stats.pending,
+    }
+    await td.aclose(timeout=0.5)
+    return out
+
+
 async def _queue_baseline(n: int, trace: bool) -> dict[str, Any]:
     gc.collect()
     rss_before = _rss_kib()
@@ -120,11 +159,11 @@ async def _queue_baseline(n: int, trace: bool) -> dict[str, Any]:
 def worker() -> None:
     """Entry point of the worker process."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--side", choices=("client", "baseline"), required=True)
+    parser.add_argument("--side", choices=("client", "baseline", "outage"), required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--trace", action="store_true")
     args = parser.parse_args()
-    run = _queue_client if args.side == "client" else _queue_baseline
+    run = {"client": _queue_client, "baseline": _queue_baseline, "outage": _outage}[args.side]
     print(json.dumps(asyncio.run(run(args.n, args.trace))))
 
 
@@ -167,10 +206,22 @@ async def memory(n: int) -> list[Row]:
         "MiB",
         base_rss["peak_rss_kib"] / 1024,
         note=f"growth while queueing {growth:.1f} MiB (baseline {base_growth:.1f} MiB); "
-        "the client's process also loads aiohttp",
+        "each side in a fresh process",
         extra={"growth_mib": growth, "baseline_growth_mib": base_growth},
     )
-    return [per, peak]
+    outage = await _spawn("outage", n, trace=False)
+    flat = Row(
+        "memory.outage_growth",
+        f"RSS growth over {n:,} more signals once the default queue is full (endpoint down)",
+        (outage["rss_after_kib"] - outage["rss_full_kib"]) / 1024,
+        "MiB",
+        None,
+        "flat",
+        note=f"queue bound {outage['bound']:,}, {outage['dropped']:,} dropped (queue_full), "
+        f"{outage['pending']:,} pending; RSS at full queue {outage['rss_full_kib'] / 1024:.1f} MiB",
+    )
+    flat.met = flat.value is not None and flat.value < 2.0
+    return [per, peak, flat]
 
 
 if __name__ == "__main__":

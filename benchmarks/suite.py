@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"## telemetrydeck-async benchmarks ({info['mode']}, {elapsed:.0f} s)\n\n"
         f"{mach['cpu']}, {mach['cores']} cores, {mach['python']}, {mach['os']}, "
-        f"{info['date']}\n\n{table(rows)}\n\n{notes(rows)}"
+        f"{info['date']}, load average at the end {mach['load_average']}\n\n"
+        f"{table(rows)}\n\n{notes(rows)}"
     )
     if args.quick:
         print("\n(quick mode: tiny N, the numbers are only a smoke test)")
