@@ -1,0 +1,1594 @@
+"""The on-disk spool: unsent signals kept in SQLite so they survive restarts, crashes and outages.
+
+Several processes may share one spool directory (the workers of one gunicorn/uvicorn app);
+they coordinate through SQLite's locking and the ownership protocol below, never through
+each other.
+
+On-disk format
+--------------
+One directory (created with mode 0700) holds::
+
+    spool.sqlite3        the database (mode 0600), in WAL mode
+    spool.sqlite3-wal    the write-ahead log (0600), present while the database is in use
+    spool.sqlite3-shm    the WAL index (0600), present while the database is in use
+    spool.lock           an advisory lock (flock), held only while opening or repairing the database
+    spool.sqlite3.corrupt-<UTC time>-<pid>-<tag>[-wal|-shm]
+                         a damaged database moved aside, kept for inspection
+
+Schema (``PRAGMA user_version`` = 1)::
+
+    records(id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, see below
+            received_at REAL,     -- unix seconds of the signal's receivedAt: FIFO order and expiry
+            size INTEGER,         -- len(body); the spool's size is the sum of these
+            crc INTEGER,          -- zlib.crc32(body): salvage keeps only rows that still match
+            owner TEXT NULL,      -- NULL = pending; else the owner id of the process sending it
+            adopted INTEGER,      -- 1 = taken from a dead owner and not claimed since
+            body BLOB)            -- the signal's JSON object, UTF-8, exactly as handed in
+    index records_by_age(received_at, id)
+    owners(owner TEXT PRIMARY KEY, pid, hostname, lease, started_at, heartbeat_at, closed)
+    totals(id = 0, records, bytes)   -- kept by every insert/delete, recounted at each open
+    meta(key, value)                 -- 'first_id': where ids of this file start (for salvage)
+
+Only what the caller hands in is stored: bodies arrive encoded, with the user id already hashed.
+
+Record ids are never reused (``AUTOINCREMENT``) and a fresh file starts counting at the current
+time in microseconds, so an id held by a process from before a crash or a repair can never
+name a different, newer record: a late ``ack`` is at worst a no-op.
+
+Durability modes
+----------------
+``"spill"`` (default): signals are written only when they could not be sent in time.
+``synchronous=NORMAL``: a commit survives the process being killed; the worker thread runs
+``wal_checkpoint(PASSIVE)`` every second or so while there were writes, which is also when
+the WAL reaches the disk, so a power cut loses at most about the last second.
+
+``"always"``: every signal is written (``append(..., claimed=True)``) before it is sent and
+deleted when the server accepted it. ``synchronous=FULL``: each commit is fsynced.
+
+In both modes appends that arrive while the worker thread is busy are committed together in
+one transaction (group commit): many concurrent ``await spool.append(...)`` share one fsync.
+
+Threading
+---------
+All SQLite work runs in one dedicated thread per :class:`Spool` that owns the connection
+(sqlite3 connections must stay in one thread). Coroutines put jobs on a queue and await a
+future; the thread drains every queued job, runs them in one ``BEGIN IMMEDIATE`` transaction,
+commits, and only then hands the results back -- one ``call_soon_threadsafe`` per event loop
+and batch. The event loop never waits for the disk. ``ack`` and ``release`` are write-behind:
+they return once queued and ride along in the next transaction (this spool applies them
+before anything queued later; ``close`` waits for them).
+
+Nothing here ever open()s the database file itself: closing any descriptor of a file drops
+all of this process's POSIX locks on it, including the one that tells other processes a WAL
+connection is still using the file (see :func:`_make_private_file`).
+
+Ownership and leases
+--------------------
+Each open :class:`Spool` is an *owner*: a random id with its pid, hostname, lease and a
+heartbeat time in ``owners``. Write transactions renew the heartbeat (at most every
+``lease / 10``), and the client calls :meth:`Spool.heartbeat` every ``lease / 3`` seconds.
+A record is pending (``owner IS NULL``) or claimed by one owner. An owner is *dead* when
+
+* it was closed (:meth:`Spool.close` marks it), or
+* its heartbeat is older than its own lease, or
+* it runs on this hostname and its pid no longer exists (or is a zombie).
+
+:meth:`Spool.claim` runs in one ``BEGIN IMMEDIATE`` transaction -- one writer at a time across
+all processes -- and first hands every dead owner's records back to the pending pool (marked
+``adopted``) and deletes the dead owner's row, then deletes expired pending records, then
+marks the oldest pending records as its own. So a record is taken over exactly once, and two
+live processes never hold the same record. A process that stalls for longer than its lease
+may lose its records to another process; both may then send them: delivery is at least once.
+
+``close()`` does not release the records this process still holds: it marks the owner closed,
+which makes them adoptable at once by the next claim of any process (counted as ``adopted``),
+while ``status`` can still show what a process left in flight.
+
+Fork: a :class:`Spool` belongs to the process that opened it. In a forked child every method
+raises :class:`SpoolError` (``close()`` only forgets the object); open a new spool in the child.
+
+Disk trouble never crashes the app: a damaged database is moved aside and a fresh one started
+with whatever rows could still be read; a directory that cannot be used leaves the spool
+``disabled`` (memory-only); failed writes are counted (``AppendResult.failed``) and logged
+once per minute and kind through the ``telemetrydeck_async`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import queue
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final, Generic, Literal, TypeVar
+
+import attrs
+
+from .exceptions import ConfigurationError, SpoolError
+
+try:  # POSIX only; elsewhere the open-time lock is skipped (SQLite's own locking still applies)
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]  # reason: optional module, checked before use
+
+__all__ = [
+    "AppendResult",
+    "ClaimResult",
+    "OwnerInfo",
+    "Spool",
+    "SpoolRecord",
+    "SpoolStatus",
+    "open_spool",
+]
+
+_log = logging.getLogger("telemetrydeck_async")
+
+_T = TypeVar("_T")
+
+DB_NAME: Final = "spool.sqlite3"
+LOCK_NAME: Final = "spool.lock"
+_SCHEMA_VERSION: Final = 1
+#: How long one statement waits for another process's write lock before it fails.
+_BUSY_TIMEOUT: Final = 5.0
+#: Seconds between passive WAL checkpoints while there are writes ("spill"'s durability window).
+_CHECKPOINT_INTERVAL: Final = 1.0
+#: At most this many queued jobs share one transaction, so one commit never grows without bound.
+_MAX_JOBS_PER_TRANSACTION: Final = 1024
+#: The same problem is logged at most once per this many seconds.
+_LOG_INTERVAL: Final = 60.0
+#: Keep the WAL file from staying huge after a burst.
+_JOURNAL_SIZE_LIMIT: Final = 8 * 2**20
+#: Bound on failed reads while salvaging a damaged file, so a hopeless file cannot stall startup.
+_SALVAGE_MAX_FAILURES: Final = 10_000
+_SALVAGE_MAX_CONSECUTIVE_FAILURES: Final = 64
+_SQL_VARIABLES_PER_STATEMENT: Final = 500
+_MAX_ROWID: Final = 2**63 - 1
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+@attrs.frozen
+class SpoolRecord:
+    """One signal to store: already validated, encoded, and with only a hashed user id.
+
+    ``received_at`` is the unix time (seconds) of the signal's ``receivedAt``; it decides the
+    order records are claimed in and when they expire. ``body`` is the signal's JSON object,
+    UTF-8 encoded: what goes inside the request's JSON array. The spool stores it verbatim.
+    """
+
+    received_at: float
+    body: bytes
+
+
+@attrs.frozen
+class AppendResult:
+    """What :meth:`Spool.append` did.
+
+    ``ids`` are the ids of the stored records in the order given. When the spool is full they
+    are the ids of the *last* ``len(ids)`` records given: a batch larger than ``max_bytes`` on its
+    own loses its first (oldest) records, counted in ``evicted``. On a disk error nothing of
+    the batch is stored and ``failed`` counts it all. ``evicted`` counts records deleted to stay
+    within ``max_bytes`` (older records of any owner, and records of this batch that could not
+    fit); the caller reports them as dropped ("spool_full").
+    """
+
+    ids: tuple[int, ...]
+    failed: int
+    evicted: int
+
+
+@attrs.frozen
+class ClaimResult:
+    """What :meth:`Spool.claim` took.
+
+    ``records`` are ``(id, body)`` pairs, oldest ``received_at`` first, now owned by the caller:
+    ``ack`` them once delivered (or finally dropped), ``release`` them to give them back.
+    ``expired`` counts pending records deleted because they were older than ``max_age``
+    (the caller reports them as dropped, "expired"); ``adopted`` says how many of ``records``
+    were taken over from an owner that died or closed.
+    """
+
+    records: tuple[tuple[int, bytes], ...]
+    expired: int
+    adopted: int
+
+
+@attrs.frozen
+class OwnerInfo:
+    """One process (one open :class:`Spool`) known to the spool, for ``status``.
+
+    ``alive`` is the judgement of the process that asked: an owner that is not alive has its
+    records taken over by the next claim.
+    """
+
+    owner_id: str
+    pid: int
+    hostname: str
+    heartbeat_at: float
+    claimed: int
+    closed: bool
+    alive: bool
+
+
+@attrs.frozen
+class SpoolStatus:
+    """A snapshot of the spool for ``telemetrydeck-async spool status DIR`` and client stats.
+
+    ``records`` and ``bytes`` count every stored record (pending and claimed); ``bytes`` is the
+    sum of body sizes, the figure ``max_bytes`` limits (the file is somewhat larger).
+    ``disabled`` is true when the spool could not be used and the client runs memory-only.
+    """
+
+    records: int
+    bytes: int
+    oldest_received_at: float | None
+    newest_received_at: float | None
+    owners: tuple[OwnerInfo, ...]
+    path: str
+    disabled: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class _Settings:
+    """Everything the worker thread and ``append_sync`` need, fixed at open."""
+
+    directory: Path
+    max_bytes: int
+    max_age: float
+    durability: Literal["spill", "always"]
+    lease: float
+    clock: Callable[[], float]
+    owner_id: str
+    pid: int
+    hostname: str
+
+    @property
+    def db_path(self) -> Path:
+        return self.directory / DB_NAME
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS records (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at REAL    NOT NULL,
+        size        INTEGER NOT NULL,
+        crc         INTEGER NOT NULL,
+        owner       TEXT,
+        adopted     INTEGER NOT NULL DEFAULT 0,
+        body        BLOB    NOT NULL
+    )""",
+    # One index serves FIFO claims (filtering owner IS NULL while walking it), expiry, eviction
+    # and min/max for status. An owner index would make every insert and claim more expensive
+    # to speed up only rare events (taking over a dead owner, closing, status).
+    "CREATE INDEX IF NOT EXISTS records_by_age ON records (received_at, id)",
+    """CREATE TABLE IF NOT EXISTS owners (
+        owner        TEXT    PRIMARY KEY,
+        pid          INTEGER NOT NULL,
+        hostname     TEXT    NOT NULL,
+        lease        REAL    NOT NULL,
+        started_at   REAL    NOT NULL,
+        heartbeat_at REAL    NOT NULL,
+        closed       INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS totals (
+        id      INTEGER PRIMARY KEY CHECK (id = 0),
+        records INTEGER NOT NULL,
+        bytes   INTEGER NOT NULL
+    )""",
+    # Not triggers: a per-row trigger costs a quarter of the claim+ack throughput, while the
+    # code knows the sizes it inserts and deletes anyway.
+    "INSERT OR IGNORE INTO totals (id, records, bytes) VALUES (0, 0, 0)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+)
+_RECORD_COLUMNS: Final = ("id", "received_at", "size", "crc", "owner", "adopted", "body")
+
+
+class _CorruptError(Exception):
+    """The database file is damaged (or not a database at all)."""
+
+
+class _IncompatibleError(Exception):
+    """The database was written by a newer version of this package, or by something else."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _is_corruption(exc: BaseException) -> bool:
+    """Whether an error means the file is damaged, not merely busy, full or unwritable."""
+    if isinstance(exc, _CorruptError):
+        return True
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (and is not a zombie)."""
+    if os.name != "posix":
+        # os.kill() would *terminate* the process on Windows; rely on the lease there.
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists and belongs to someone else
+        return True
+    # A killed worker stays a zombie until its parent reaps it; it will never heartbeat again.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return True
+    state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file now at ``path``; another process's repair changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _make_private_dir(directory: Path) -> None:
+    """Create the spool directory with mode 0700 (an existing directory is left as it is)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a directory") from None
+    else:
+        # mkdir's mode is filtered by the umask; chmod is not. Changing the process umask
+        # instead would race with every other thread creating files.
+        os.chmod(directory, 0o700)
+
+
+def _make_private_file(path: Path) -> None:
+    """Create ``path`` as 0600 before SQLite does, and tighten the modes of its companions.
+
+    SQLite gives the -wal and -shm files the mode of the database file, so creating the
+    database 0600 ourselves covers them too; the chmod loop catches files left by older runs.
+
+    Never open() an *existing* database file here: closing any descriptor of a file drops
+    every POSIX lock this process holds on it, including the SHARED lock a WAL connection in
+    this process keeps for its lifetime. Another process closing its connection would then
+    think it was the last one and delete the WAL under us (SQLite's "how to corrupt" 2.2).
+    O_EXCL only ever opens a file that did not exist, so no lock of ours can be on it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, flags, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):  # missing, or owned by another user: leave it
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
+@contextlib.contextmanager
+def _directory_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` while a process opens or repairs the database.
+
+    Without it two workers starting together could both find the file damaged and the second
+    would move aside the fresh file the first just made. Waiting is bounded: after 30 s we go
+    ahead unlocked rather than hang a worker's startup behind a stuck process.
+    """
+    if _fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        deadline = time.monotonic() + 30.0
+        locked = False
+        while not locked:
+            try:
+                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    _log.warning("spool lock %s is held for too long; opening without it", path)
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class _Reporter:
+    """Logs each kind of spool problem at most once per ``_LOG_INTERVAL`` seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._failing = False
+
+    def problem(
+        self, key: str, level: int, msg: str, *args: object, exc: BaseException | None = None
+    ) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failing = True
+            last = self._last.get(key)
+            quiet = last is not None and now - last < _LOG_INTERVAL
+            if not quiet:
+                self._last[key] = now
+        if quiet:
+            _log.debug(msg, *args)
+        else:
+            _log.log(level, msg, *args, exc_info=exc)
+
+    def success(self, path: Path) -> None:
+        if self._failing:  # read without the lock: a stale answer only delays one INFO line
+            with self._lock:
+                self._failing = False
+            _log.info("spool %s: writes succeed again", path)
+
+
+# --------------------------------------------------------------------------------------------
+# The SQLite side: used by exactly one thread at a time
+
+
+class _Store:
+    """One SQLite connection to the spool and the operations on it.
+
+    Not thread-safe by design: the worker thread owns one instance, ``append_sync`` makes its
+    own short-lived one. Methods named like spool operations expect to run inside
+    :meth:`transaction`.
+    """
+
+    def __init__(self, settings: _Settings, reporter: _Reporter) -> None:
+        self.settings = settings
+        self.reporter = reporter
+        self.path = settings.db_path
+        self.conn: sqlite3.Connection | None = None
+        self.identity: tuple[int, int] | None = None
+        self.dirty = False
+        self.last_checkpoint = time.monotonic()
+        self.last_heartbeat = -math.inf
+
+    # -- opening, repairing, closing
+
+    def open(self) -> None:
+        """Open (creating or repairing as needed) and register this owner."""
+        _make_private_dir(self.settings.directory)
+        with _directory_lock(self.settings.directory / LOCK_NAME):
+            try:
+                conn = self.connect(check=True)
+            except _CorruptError as exc:
+                conn = self._repair(str(exc))
+            self.conn = conn
+            self.identity = _file_identity(self.path)
+            with self.transaction():
+                self.heartbeat()
+                # Cheap insurance against drift: one scan per open, like quick_check's.
+                conn.execute(
+                    "UPDATE totals SET records = (SELECT count(*) FROM records),"
+                    " bytes = (SELECT coalesce(sum(size), 0) FROM records) WHERE id = 0"
+                )
+                # Records of an owner row that no longer exists (a repair, a bug) would never
+                # be claimed again; give them back. A full scan, but only once per open.
+                conn.execute(
+                    "UPDATE records SET owner = NULL, adopted = 1 WHERE owner IS NOT NULL"
+                    " AND owner NOT IN (SELECT owner FROM owners)"
+                )
+
+    def connect(self, *, check: bool) -> sqlite3.Connection:
+        """Connect to the database file, configure it, and create the schema if it is new.
+
+        ``check`` runs ``PRAGMA quick_check``. Raises :class:`_CorruptError` when the file is
+        damaged, :class:`_IncompatibleError` when it is not ours to use.
+        """
+        _make_private_file(self.path)
+        conn = sqlite3.connect(
+            str(self.path), timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=True
+        )
+        try:
+            self._configure(conn, check=check)
+        except BaseException as exc:
+            conn.close()
+            if _is_corruption(exc) and not isinstance(exc, _CorruptError):
+                raise _CorruptError(str(exc)) from exc
+            raise
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection, *, check: bool) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+        # The first read of the header: "file is not a database" surfaces here. A newer
+        # schema is refused before anything (even the journal mode) changes in the file.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > _SCHEMA_VERSION:
+            raise _IncompatibleError(self._incompatible(f"schema version {version}"))
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        sync = "FULL" if self.settings.durability == "always" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous = {sync}")
+        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        if check:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise _CorruptError("; ".join(str(p) for p in problems[:3]))
+        self._ensure_schema(conn)
+        _make_private_file(self.path)  # -wal and -shm exist now
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version == 0:  # nobody created it while we waited for the lock
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    # Ids of a fresh file start at "now" in microseconds: never equal to an
+                    # id a process still holds from a file that was moved aside.
+                    first_id = int(time.time() * 1_000_000)
+                    conn.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) SELECT 'records', ?"
+                        " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'records')",
+                        (first_id,),
+                    )
+                    conn.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('first_id', ?)",
+                        (first_id + 1,),
+                    )
+                    conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    version = _SCHEMA_VERSION
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        if version != _SCHEMA_VERSION:
+            raise _IncompatibleError(self._incompatible(f"schema version {version}"))
+        columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
+        if columns != _RECORD_COLUMNS:
+            raise _IncompatibleError(self._incompatible(f"a 'records' table with {columns}"))
+
+    def _incompatible(self, what: str) -> str:
+        return (
+            f"{self.path} has {what}, but this version of telemetrydeck-async reads schema"
+            f" version {_SCHEMA_VERSION}; use another spool_dir, or upgrade"
+        )
+
+    def _repair(self, reason: str) -> sqlite3.Connection:
+        """Move a damaged database aside, start a fresh one and copy in what can be read."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        # pid and a random tag: two repairs within one second must not overwrite each other.
+        tag = f"{stamp}-{os.getpid()}-{secrets.token_hex(2)}"
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{tag}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        salvaged = _salvage(aside)
+        conn = self.connect(check=False)
+        kept = 0
+        if salvaged:
+            self.conn = conn
+            try:
+                with self.transaction():
+                    kept = len(self.append(salvaged, None).ids)
+            finally:
+                self.conn = None
+        self.reporter.problem(
+            "corrupt",
+            logging.ERROR,
+            "spool database %s was damaged (%s); moved it to %s and started a fresh one,"
+            " keeping %d readable records",
+            self.path,
+            reason,
+            aside,
+            kept,
+        )
+        return conn
+
+    def ensure_current(self) -> None:
+        """Reopen when another process replaced the database file (it repaired it)."""
+        if self.conn is not None and _file_identity(self.path) == self.identity:
+            return
+        _log.info("spool database %s was replaced or removed; reopening it", self.path)
+        self.close()
+        self.open()
+
+    def repair_now(self, reason: str) -> None:
+        """Called after a query reported damage: check the file again, repair if needed."""
+        self.close()
+        _make_private_dir(self.settings.directory)
+        with _directory_lock(self.settings.directory / LOCK_NAME):
+            if _file_identity(self.path) == self.identity:
+                try:
+                    self.close_connection(self.connect(check=True))
+                except _CorruptError:
+                    self.close_connection(self._repair(reason))
+        self.open()
+
+    @staticmethod
+    def close_connection(conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.close_connection(self.conn)
+            self.conn = None
+
+    # -- transactions and housekeeping
+
+    def _conn(self) -> sqlite3.Connection:
+        if self.conn is None:
+            raise SpoolError(f"spool {self.path} is not open")
+        return self.conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE so the write lock is taken before any read."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            self.last_heartbeat = -math.inf  # a heartbeat in it was rolled back too
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        self.dirty = True
+
+    def checkpoint(self, *, force: bool = False) -> None:
+        """Run a passive WAL checkpoint when writes happened and the interval passed."""
+        now = time.monotonic()
+        if self.conn is None or not self.dirty:
+            return
+        if not force and now - self.last_checkpoint < _CHECKPOINT_INTERVAL:
+            return
+        self.last_checkpoint = now
+        self.dirty = False
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # a busy checkpoint is retried next time; nothing is lost
+            _log.debug("spool checkpoint skipped: %s", exc)
+
+    # -- operations (inside a transaction)
+
+    def heartbeat(self) -> None:
+        """Renew this owner's lease, re-creating the row if another process reaped it."""
+        s = self.settings
+        now = s.clock()
+        conn = self._conn()
+        # UPDATE, then INSERT if there was no row: an upsert needs SQLite 3.24, which some
+        # long-term-support systems that run Python 3.10 do not have.
+        renewed = conn.execute(
+            "UPDATE owners SET heartbeat_at = ? WHERE owner = ?", (now, s.owner_id)
+        ).rowcount
+        if not renewed:
+            conn.execute(
+                "INSERT INTO owners (owner, pid, hostname, lease, started_at, heartbeat_at, closed)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0)",
+                (s.owner_id, s.pid, s.hostname, s.lease, now, now),
+            )
+        self.last_heartbeat = now
+
+    def heartbeat_if_due(self) -> None:
+        """Renew the lease in a transaction that runs anyway, at most every ``lease / 10``.
+
+        Another process reaps this owner only after ``lease`` without a heartbeat, so the
+        first transaction after such a reap always lands here and re-creates the owner row
+        (in the same transaction as any records it stores as claimed).
+        """
+        now = self.settings.clock()
+        if not (0 <= now - self.last_heartbeat < self.settings.lease / 10):
+            self.heartbeat()
+
+    def _count(self, records: int, nbytes: int) -> None:
+        self._conn().execute(
+            "UPDATE totals SET records = records + ?, bytes = bytes + ? WHERE id = 0",
+            (records, nbytes),
+        )
+
+    def _delete(self, ids: Sequence[int]) -> int:
+        """Delete records by id (missing ones are ignored); returns how many were deleted."""
+        conn = self._conn()
+        deleted = 0
+        for start in range(0, len(ids), _SQL_VARIABLES_PER_STATEMENT):
+            chunk = ids[start : start + _SQL_VARIABLES_PER_STATEMENT]
+            marks = ",".join("?" * len(chunk))
+            count, size = conn.execute(
+                f"SELECT count(*), coalesce(sum(size), 0) FROM records WHERE id IN ({marks})",
+                chunk,
+            ).fetchone()
+            if count:
+                conn.execute(f"DELETE FROM records WHERE id IN ({marks})", chunk)
+                self._count(-count, -size)
+                deleted += count
+        return deleted
+
+    def append(self, records: Sequence[SpoolRecord], owner: str | None) -> AppendResult:
+        conn = self._conn()
+        limit = self.settings.max_bytes
+        sizes = [len(record.body) for record in records]
+        incoming = sum(sizes)
+        skip = 0
+        while incoming > limit:  # the batch alone is too big: its first (oldest) records go
+            incoming -= sizes[skip]
+            skip += 1
+        (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
+        evicted = skip
+        if stored + incoming > limit:
+            evicted += self._evict(stored + incoming - limit)
+        rows = [
+            (record.received_at, size, zlib.crc32(record.body), owner, record.body)
+            for record, size in zip(records[skip:], sizes[skip:], strict=True)
+        ]
+        if not rows:
+            return AppendResult((), 0, evicted)
+        conn.executemany(
+            "INSERT INTO records (received_at, size, crc, owner, body) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        self._count(len(rows), incoming)
+        # We hold the write lock and AUTOINCREMENT hands out consecutive ids within it.
+        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        return AppendResult(tuple(range(last - len(rows) + 1, last + 1)), 0, evicted)
+
+    def append_many(
+        self, batches: Sequence[tuple[Sequence[SpoolRecord], str | None]]
+    ) -> list[AppendResult]:
+        """Group commit: the appends of many callers in one ``executemany``.
+
+        Statement overhead dominates small appends, so one INSERT for all of them is what
+        makes many concurrent single-signal appends cheap. When the spool would overflow, the
+        batches go one by one instead, so each evicts exactly what a lone append would.
+        """
+        if len(batches) == 1:
+            return [self.append(*batches[0])]
+        conn = self._conn()
+        (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
+        incoming = sum(len(record.body) for records, _ in batches for record in records)
+        if stored + incoming > self.settings.max_bytes:
+            return [self.append(records, owner) for records, owner in batches]
+        rows = [
+            (record.received_at, len(record.body), zlib.crc32(record.body), owner, record.body)
+            for records, owner in batches
+            for record in records
+        ]
+        conn.executemany(
+            "INSERT INTO records (received_at, size, crc, owner, body) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        self._count(len(rows), incoming)
+        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        first = last - len(rows) + 1
+        results = []
+        for records, _ in batches:
+            results.append(AppendResult(tuple(range(first, first + len(records))), 0, 0))
+            first += len(records)
+        return results
+
+    def _evict(self, excess: int) -> int:
+        """Delete the oldest records, any owner, until ``excess`` bytes are freed."""
+        conn = self._conn()
+        victims: list[int] = []
+        freed = 0
+        cursor = conn.execute("SELECT id, size FROM records ORDER BY received_at, id")
+        try:
+            while freed < excess:
+                chunk = cursor.fetchmany(256)
+                if not chunk:
+                    break
+                for record_id, size in chunk:
+                    victims.append(record_id)
+                    freed += size
+                    if freed >= excess:
+                        break
+        finally:
+            cursor.close()
+        return self._delete(victims)
+
+    def claim(self, limit: int, max_bytes: int | None) -> ClaimResult:
+        conn = self._conn()
+        now = self.settings.clock()
+        self._reap(now)
+        cutoff = (now - self.settings.max_age,)
+        expired, size = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM records"
+            " WHERE received_at < ? AND owner IS NULL",
+            cutoff,
+        ).fetchone()
+        if expired:
+            conn.execute("DELETE FROM records WHERE received_at < ? AND owner IS NULL", cutoff)
+            self._count(-expired, -size)
+        picked: list[tuple[int, bytes]] = []
+        total = 0
+        adopted = 0
+        cursor = conn.execute(
+            "SELECT id, size, adopted, body FROM records WHERE owner IS NULL"
+            " ORDER BY received_at, id LIMIT ?",
+            (limit,),
+        )
+        try:
+            for record_id, size, was_adopted, body in cursor:
+                # Always hand out at least one record, or one oversized body would block forever.
+                if max_bytes is not None and picked and total + size > max_bytes:
+                    break
+                picked.append((record_id, body))
+                total += size
+                adopted += was_adopted
+        finally:
+            cursor.close()
+        me = self.settings.owner_id
+        conn.executemany(
+            "UPDATE records SET owner = ?, adopted = 0 WHERE id = ?",
+            [(me, record_id) for record_id, _ in picked],
+        )
+        return ClaimResult(tuple(picked), expired, adopted)
+
+    def is_dead(
+        self, pid: int, hostname: str, lease: float, heartbeat_at: float, closed: int, now: float
+    ) -> bool:
+        """Whether an owner row belongs to a process that will never ack its records."""
+        if closed:
+            return True
+        if now - heartbeat_at > lease:
+            return True
+        s = self.settings
+        # Same pid: another Spool in this very process; only its lease tells.
+        return hostname == s.hostname and pid != s.pid and not _pid_alive(pid)
+
+    def _reap(self, now: float) -> None:
+        """Hand the records of dead owners back to the pending pool and forget the owners."""
+        conn = self._conn()
+        me = self.settings.owner_id
+        dead = [
+            owner
+            for owner, pid, hostname, lease, heartbeat_at, closed in conn.execute(
+                "SELECT owner, pid, hostname, lease, heartbeat_at, closed FROM owners"
+            ).fetchall()
+            if owner != me and self.is_dead(pid, hostname, lease, heartbeat_at, closed, now)
+        ]
+        for start in range(0, len(dead), _SQL_VARIABLES_PER_STATEMENT):
+            chunk = dead[start : start + _SQL_VARIABLES_PER_STATEMENT]
+            marks = ",".join("?" * len(chunk))
+            conn.execute(
+                f"UPDATE records SET owner = NULL, adopted = 1 WHERE owner IN ({marks})", chunk
+            )
+            conn.execute(f"DELETE FROM owners WHERE owner IN ({marks})", chunk)
+
+    def ack(self, ids: Sequence[int]) -> None:
+        self._delete(ids)
+
+    def release(self, ids: Sequence[int]) -> None:
+        me = self.settings.owner_id
+        self._conn().executemany(
+            "UPDATE records SET owner = NULL WHERE id = ? AND owner = ?", [(i, me) for i in ids]
+        )
+
+    def close_owner(self) -> None:
+        """Mark this owner closed (its records become adoptable at once), or forget it."""
+        conn = self._conn()
+        me = self.settings.owner_id
+        if conn.execute("SELECT 1 FROM records WHERE owner = ? LIMIT 1", (me,)).fetchone():
+            conn.execute("UPDATE owners SET closed = 1 WHERE owner = ?", (me,))
+        else:
+            conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
+
+    def status(self) -> SpoolStatus:
+        conn = self._conn()
+        now = self.settings.clock()
+        records, nbytes = conn.execute("SELECT records, bytes FROM totals WHERE id = 0").fetchone()
+        # Two statements: a lone min() or max() is read off the index; both at once need a scan.
+        (oldest,) = conn.execute("SELECT min(received_at) FROM records").fetchone()
+        (newest,) = conn.execute("SELECT max(received_at) FROM records").fetchone()
+        claimed: dict[str, int] = dict(
+            conn.execute(
+                "SELECT owner, count(*) FROM records WHERE owner IS NOT NULL GROUP BY owner"
+            ).fetchall()
+        )
+        owners = []
+        for owner, pid, hostname, lease, heartbeat_at, closed in conn.execute(
+            "SELECT owner, pid, hostname, lease, heartbeat_at, closed FROM owners"
+            " ORDER BY started_at"
+        ).fetchall():
+            alive = owner == self.settings.owner_id or not self.is_dead(
+                pid, hostname, lease, heartbeat_at, closed, now
+            )
+            owners.append(
+                OwnerInfo(
+                    owner, pid, hostname, heartbeat_at, claimed.pop(owner, 0), bool(closed), alive
+                )
+            )
+        for owner, count in sorted(claimed.items()):  # rows whose owner row is gone
+            owners.append(OwnerInfo(owner, 0, "", 0.0, count, True, False))
+        return SpoolStatus(records, nbytes, oldest, newest, tuple(owners), str(self.path))
+
+
+def _salvage(path: Path) -> list[SpoolRecord]:
+    """Read every record that can still be read from a damaged database file.
+
+    Walks the rowid b-tree with ``WHERE id > ?`` seeks. When a read fails (a damaged page),
+    it skips ahead by 1, 2, 4, ... ids until a seek lands on a readable page again: we lose
+    the damaged page's rows and at most as many again, and keep the rest. A row counts only
+    if its CRC still matches its body.
+    """
+    found: list[SpoolRecord] = []
+    try:
+        conn = sqlite3.connect(str(path), timeout=1.0, isolation_level=None)
+    except (sqlite3.Error, OSError):
+        return found
+    try:
+        # Lets SQLite read a file shorter than its header says (truncation) instead of
+        # refusing it whole; we never write to this connection.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA writable_schema = ON")
+        lower, upper = _salvage_bounds(conn)
+        after = lower - 1
+        failures = consecutive = 0
+        step = 1
+        while after < upper and consecutive < _SALVAGE_MAX_CONSECUTIVE_FAILURES:
+            try:
+                cursor = conn.execute(
+                    "SELECT id, received_at, crc, body FROM records WHERE id > ? ORDER BY id",
+                    (after,),
+                )
+                for record_id, received_at, crc, body in cursor:
+                    if not isinstance(record_id, int) or record_id <= after:
+                        continue  # out of order: a damaged page; never walk backwards
+                    after = record_id
+                    step = 1
+                    consecutive = 0
+                    if (
+                        isinstance(body, bytes)
+                        and isinstance(received_at, (int, float))
+                        and math.isfinite(received_at)
+                        and crc == zlib.crc32(body)
+                    ):
+                        found.append(SpoolRecord(float(received_at), body))
+                break  # reached the end
+            except (sqlite3.Error, MemoryError, OverflowError):
+                failures += 1
+                consecutive += 1
+                if failures > _SALVAGE_MAX_FAILURES:
+                    break
+                after = min(after + step, _MAX_ROWID - 1)
+                step *= 2
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+    return found
+
+
+def _salvage_bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The range of ids a damaged file may hold, from whatever metadata is still readable."""
+    lower, upper = -_MAX_ROWID + 1, _MAX_ROWID - 1
+    for query in ("SELECT value FROM meta WHERE key = 'first_id'", "SELECT min(id) FROM records"):
+        try:
+            row = conn.execute(query).fetchone()
+        except sqlite3.Error:
+            continue
+        if row and isinstance(row[0], int):
+            lower = row[0]
+            break
+    for query in (
+        "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
+        "SELECT max(id) FROM records",
+    ):
+        try:
+            row = conn.execute(query).fetchone()
+        except sqlite3.Error:
+            continue
+        if row and isinstance(row[0], int):
+            upper = max(row[0], lower)
+            break
+    return lower, upper
+
+
+# --------------------------------------------------------------------------------------------
+# The worker thread
+
+
+@attrs.define
+class _Job(Generic[_T]):
+    """One unit of work for the worker thread and where its result goes."""
+
+    run: Callable[[_Store], _T]
+    fallback: _T  # the answer when the disk failed or the spool is disabled
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[_T] | None = None
+    # Called on the loop with the result when the awaiting task went away (cancelled):
+    # claimed records would otherwise stay owned by nobody who knows about them.
+    orphaned: Callable[[_T], None] | None = None
+    # Set for appends: (records, owner). Consecutive appends are merged into one INSERT.
+    append: tuple[Sequence[SpoolRecord], str | None] | None = None
+
+
+@attrs.define
+class _Stop:
+    """Tells the worker thread to finish: mark the owner closed (or not, ``crash``) and exit."""
+
+    crash: bool
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[None] | None
+
+
+def _settle(items: list[tuple[_Job[Any], Any]]) -> None:
+    """Runs on the event loop: hand results to the waiting coroutines."""
+    for job, value in items:
+        future = job.future
+        if future is None:
+            continue
+        if future.done():  # cancelled while the thread worked
+            if job.orphaned is not None:
+                job.orphaned(value)
+        else:
+            future.set_result(value)
+
+
+def _post(
+    loop: asyncio.AbstractEventLoop | None, callback: Callable[..., None], *args: Any
+) -> None:
+    if loop is None:
+        return
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Worker:
+    """The thread that owns the connection and runs queued jobs with group commit."""
+
+    def __init__(self, settings: _Settings, reporter: _Reporter) -> None:
+        self.store = _Store(settings, reporter)
+        self.reporter = reporter
+        self.queue: queue.SimpleQueue[_Job[Any] | _Stop] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.accepting = True
+        self.disabled = False
+        self.thread = threading.Thread(
+            target=self._main,
+            name=f"telemetrydeck-spool-{settings.owner_id[:8]}",
+            daemon=True,  # an unclosed spool must not keep the interpreter alive at exit
+        )
+
+    def start(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        self._ready = (loop, ready)
+        self.thread.start()
+
+    def submit(self, job: _Job[Any]) -> bool:
+        """Queue a job; False when the thread is gone or going (the caller uses the fallback)."""
+        with self.lock:
+            if not self.accepting:
+                return False
+            self.queue.put(job)
+        return True
+
+    def stop(self, stop: _Stop) -> bool:
+        with self.lock:
+            if not self.accepting:
+                return False
+            self.accepting = False
+            self.queue.put(stop)
+        return True
+
+    def _main(self) -> None:
+        stop: _Stop | None = None
+        try:
+            self._open()
+            loop, ready = self._ready
+            _post(loop, _set_done, ready)
+            if self.disabled:
+                return
+            while stop is None:
+                stop = self._run_once()
+        except BaseException as exc:
+            self.disabled = True
+            self.reporter.problem(
+                "worker", logging.ERROR, "spool worker thread failed; spool disabled", exc=exc
+            )
+        finally:
+            with self.lock:
+                self.accepting = False
+            # A close() may have queued its _Stop before `accepting` went false: answer it too.
+            stop = self._drain() or stop
+            self._shutdown(stop)
+
+    def _open(self) -> None:
+        store = self.store
+        try:
+            store.open()
+        except _IncompatibleError as exc:
+            store.close()
+            self._disable(str(exc), None)
+        except Exception as exc:
+            store.close()
+            self._disable(f"{type(exc).__name__}: {exc}", exc)
+
+    def _disable(self, detail: str, exc: BaseException | None) -> None:
+        self.disabled = True
+        self.reporter.problem(
+            "disabled",
+            logging.ERROR,
+            "spool directory %s cannot be used (%s); continuing without a disk spool:"
+            " unsent signals are kept in memory only",
+            self.store.settings.directory,
+            detail,
+            exc=exc,
+        )
+
+    def _run_once(self) -> _Stop | None:
+        store = self.store
+        try:
+            first = self.queue.get(timeout=_CHECKPOINT_INTERVAL if store.dirty else None)
+        except queue.Empty:
+            store.checkpoint(force=True)  # idle: a good moment to move the WAL into the file
+            return None
+        items = [first]
+        while len(items) < _MAX_JOBS_PER_TRANSACTION:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        # A _Stop is always the last item: stop() refuses new jobs before queueing it.
+        last = items[-1]
+        stop = last if isinstance(last, _Stop) else None
+        jobs = [item for item in items if isinstance(item, _Job)]
+        if jobs:
+            self._run_jobs(jobs)
+        store.checkpoint()
+        return stop
+
+    def _run_jobs(self, jobs: list[_Job[Any]]) -> None:
+        # Skip jobs whose caller was already cancelled (a racy read of a bool, harmless both
+        # ways: a skipped append was never reported stored, a run one lands in `orphaned`).
+        jobs = [job for job in jobs if job.future is None or not job.future.cancelled()]
+        if not jobs:
+            return
+        if self.disabled:
+            self._deliver([(job, job.fallback) for job in jobs])
+            return
+        store = self.store
+        try:
+            store.ensure_current()
+            with store.transaction():
+                results = self._execute(jobs)
+                store.heartbeat_if_due()  # any transaction is proof of life
+        except Exception as exc:
+            self._failed(exc)
+            self._deliver([(job, job.fallback) for job in jobs])
+            return
+        self.reporter.success(store.path)
+        self._deliver(list(zip(jobs, results, strict=True)))
+
+    def _execute(self, jobs: list[_Job[Any]]) -> list[Any]:
+        """Run jobs in order, merging each run of consecutive appends into one INSERT."""
+        results: list[Any] = []
+        start = 0
+        while start < len(jobs):
+            end = start
+            appends: list[tuple[Sequence[SpoolRecord], str | None]] = []
+            while end < len(jobs) and (append := jobs[end].append) is not None:
+                appends.append(append)
+                end += 1
+            if appends:
+                results.extend(self.store.append_many(appends))
+                start = end
+            else:
+                results.append(jobs[start].run(self.store))
+                start += 1
+        return results
+
+    def _failed(self, exc: Exception) -> None:
+        store = self.store
+        if _is_corruption(exc):
+            self.reporter.problem(
+                "corrupt-runtime",
+                logging.ERROR,
+                "spool database %s is damaged (%s); repairing it",
+                store.path,
+                exc,
+            )
+            try:
+                store.repair_now(str(exc))
+            except Exception as again:
+                store.close()
+                self._disable(f"repair failed: {again}", again)
+        elif isinstance(exc, (sqlite3.Error, OSError, SpoolError)):
+            self.reporter.problem(
+                f"write:{type(exc).__name__}:{getattr(exc, 'sqlite_errorcode', '')}",
+                logging.WARNING,
+                "spool %s: could not write (%s); those signals stay in memory only",
+                store.path,
+                exc,
+                exc=exc,
+            )
+            if store.conn is None:  # a failed reopen: try again next batch, or give up
+                try:
+                    store.open()
+                except Exception as again:
+                    store.close()
+                    self._disable(f"reopen failed: {again}", again)
+        else:
+            self.reporter.problem(
+                "bug", logging.ERROR, "unexpected error in the spool worker thread", exc=exc
+            )
+
+    def _deliver(self, outcomes: list[tuple[_Job[Any], Any]]) -> None:
+        """One call_soon_threadsafe per event loop for the whole batch, not one per job."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job[Any], Any]]] = {}
+        for job, value in outcomes:
+            if job.loop is not None:
+                by_loop.setdefault(job.loop, []).append((job, value))
+        for loop, items in by_loop.items():
+            _post(loop, _settle, items)
+
+    def _drain(self) -> _Stop | None:
+        """Answer whatever is still queued with its fallback; the thread is leaving."""
+        leftovers: list[tuple[_Job[Any], Any]] = []
+        stop = None
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                leftovers.append((item, item.fallback))
+            else:
+                stop = item
+        self._deliver(leftovers)
+        return stop
+
+    def _shutdown(self, stop: _Stop | None) -> None:
+        store = self.store
+        try:
+            if stop is not None and not stop.crash and store.conn is not None:
+                with store.transaction():
+                    store.close_owner()
+        except Exception as exc:
+            self.reporter.problem(
+                "close", logging.WARNING, "spool %s: could not close cleanly (%s)", store.path, exc
+            )
+        finally:
+            store.close()  # the last connection to close checkpoints and removes the WAL
+            if stop is not None and stop.future is not None:
+                _post(stop.loop, _set_done, stop.future)
+
+
+# --------------------------------------------------------------------------------------------
+# The public object
+
+
+class Spool:
+    """The on-disk spool of one process. Create it with :func:`open_spool`.
+
+    Every method that touches the disk is a coroutine whose work runs in the spool's own
+    thread; the event loop never blocks on disk I/O. Disk trouble is never raised: results
+    report it (``AppendResult.failed``, empty claims) and the log says it once.
+    Methods raise :class:`SpoolError` only when called in a forked child of the process that
+    opened the spool (open a new spool there). After :meth:`close` they return empty results.
+
+    A plain class rather than ``attrs.define``: it owns a thread and has no value semantics.
+    """
+
+    def __init__(self, settings: _Settings) -> None:
+        """Private: use :func:`open_spool`, which also opens the database."""
+        self._settings = settings
+        self._reporter = _Reporter()
+        self._worker = _Worker(settings, self._reporter)
+        self._pid = settings.pid
+        self._closed = False
+        self._started = False
+        self._failed = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "disabled" if self.disabled else "open"
+        return f"<Spool {str(self._settings.directory)!r} owner={self.owner_id} {state}>"
+
+    def __del__(self) -> None:
+        # Collected without close(): mark the owner closed so others adopt its records at once.
+        if getattr(self, "_started", False) and not self._closed and os.getpid() == self._pid:
+            self._closed = True
+            self._worker.stop(_Stop(crash=False, loop=None, future=None))
+            with contextlib.suppress(Exception):  # at interpreter shutdown warnings may be gone
+                warnings.warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1)
+
+    # -- properties
+
+    @property
+    def owner_id(self) -> str:
+        """This process's owner id in the spool (a random token, new for every open)."""
+        return self._settings.owner_id
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._settings.db_path
+
+    @property
+    def durability(self) -> Literal["spill", "always"]:
+        """``"spill"`` or ``"always"``, see the module documentation."""
+        return self._settings.durability
+
+    @property
+    def disabled(self) -> bool:
+        """True when the spool could not be used: methods return empty results, never raise."""
+        return self._worker.disabled
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    @property
+    def failed(self) -> int:
+        """Records that could not be persisted since the spool was opened."""
+        return self._failed
+
+    # -- plumbing
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise SpoolError(
+                f"this spool was opened by process {self._pid} and cannot be used after fork()"
+                f" (now in process {os.getpid()}); open a new spool in the child process"
+            )
+
+    async def _call(
+        self,
+        run: Callable[[_Store], _T],
+        fallback: _T,
+        orphaned: Callable[[_T], None] | None = None,
+        append: tuple[Sequence[SpoolRecord], str | None] | None = None,
+    ) -> _T:
+        if self._closed or self._worker.disabled:
+            return fallback
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        if not self._worker.submit(_Job(run, fallback, loop, future, orphaned, append)):
+            return fallback
+        return await future
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._started = True
+        self._worker.start(loop, ready)
+        await ready
+
+    # -- operations
+
+    async def append(
+        self, records: Sequence[SpoolRecord], *, claimed: bool = False
+    ) -> AppendResult:
+        """Store records; see :class:`AppendResult` for what comes back.
+
+        ``claimed=True`` stores them owned by this process (durability "always": the signals
+        are also in memory and being sent; if this process dies another one adopts them).
+        ``claimed=False`` stores them pending, for any process to claim. Older records (of any
+        owner) are evicted to keep the body total within ``max_bytes``.
+        """
+        self._check_process()
+        batch = tuple(records)
+        for record in batch:
+            if not isinstance(record.body, bytes):
+                raise TypeError(f"SpoolRecord.body must be bytes, not {type(record.body).__name__}")
+            if not math.isfinite(record.received_at):
+                raise ValueError(
+                    f"SpoolRecord.received_at must be finite, not {record.received_at}"
+                )
+        if not batch:
+            return AppendResult((), 0, 0)
+        owner = self._settings.owner_id if claimed else None
+        result = await self._call(
+            lambda store: store.append(batch, owner),
+            AppendResult((), len(batch), 0),
+            append=(batch, owner),
+        )
+        self._failed += result.failed
+        return result
+
+    async def claim(self, limit: int, max_bytes: int | None = None) -> ClaimResult:
+        """Take up to ``limit`` pending records (at most ``max_bytes`` of body, but at least one).
+
+        One ``BEGIN IMMEDIATE`` transaction: first adopt dead owners' records, then delete
+        pending records older than ``max_age``, then take the oldest pending records.
+        """
+        self._check_process()
+        if limit <= 0:
+            return ClaimResult((), 0, 0)
+        return await self._call(
+            lambda store: store.claim(limit, max_bytes),
+            ClaimResult((), 0, 0),
+            self._give_back,
+        )
+
+    def _give_back(self, result: ClaimResult) -> None:
+        """The claimer was cancelled after the thread took the records: release them again."""
+        ids = [record_id for record_id, _ in result.records]
+        if ids:
+            self._worker.submit(_Job(lambda store: store.release(ids), None))
+
+    async def ack(self, ids: Iterable[int]) -> None:
+        """Delete records: they were delivered, or finally dropped. Unknown ids are ignored.
+
+        Write-behind: returns once the work is queued, without waiting for the thread. The
+        spool applies it before any later operation of this :class:`Spool` (so a following
+        ``claim`` or ``status`` sees it) and :meth:`close` waits for it; it usually shares the
+        next operation's transaction, which halves the commits of a claim/send/ack loop. If the
+        process dies before it is written, the records are delivered again (at least once).
+        """
+        self._check_process()
+        batch = list(ids)
+        if batch:
+            self._queue(lambda store: store.ack(batch))
+
+    async def release(self, ids: Iterable[int]) -> None:
+        """Give records back (pending again). Ids this process does not own are ignored.
+
+        Write-behind like :meth:`ack`.
+        """
+        self._check_process()
+        batch = list(ids)
+        if batch:
+            self._queue(lambda store: store.release(batch))
+
+    def _queue(self, run: Callable[[_Store], None]) -> None:
+        """Queue work nobody waits for (a failure is logged by the thread, like any other)."""
+        if not self._closed and not self._worker.disabled:
+            self._worker.submit(_Job(run, None))
+
+    async def heartbeat(self) -> None:
+        """Renew this owner's lease; call it every ``lease / 3`` seconds.
+
+        Every write transaction renews it too, so a busy process needs no extra calls.
+        """
+        self._check_process()
+        await self._call(lambda store: store.heartbeat(), None)
+
+    async def status(self) -> SpoolStatus:
+        """Counts, ages and owners of the spool."""
+        self._check_process()
+        empty = SpoolStatus(0, 0, None, None, (), str(self.path), disabled=True)
+        result = await self._call(lambda store: store.status(), empty)
+        if result is empty or not self.disabled:
+            return result
+        return attrs.evolve(result, disabled=True)
+
+    async def close(self) -> None:
+        """Finish queued work, mark this owner closed and stop the thread.
+
+        Records this process still has claimed stay in the spool, owned by a *closed* owner:
+        the next claim by any process adopts them at once (and reports them as ``adopted``).
+        They are not released, so ``status`` can show what a process left behind in flight.
+        Idempotent. In a forked child it only forgets the object: the owner is the parent's.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid or not self._started:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if self._worker.stop(_Stop(crash=False, loop=loop, future=done)):
+            await done
+
+    async def _crash(self) -> None:
+        """Test hook: stop as if the process died (the owner stays registered, not closed)."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if self._worker.stop(_Stop(crash=True, loop=loop, future=done)):
+            await done
+
+    def append_sync(self, records: Sequence[SpoolRecord]) -> AppendResult:
+        """Store records pending, blocking, on a short connection of its own.
+
+        For an ``atexit`` handler when the event loop is already gone; never call it on a
+        running loop. Works after :meth:`close` too (it does not need the worker thread).
+        """
+        self._check_process()
+        batch = tuple(records)
+        if not batch:
+            return AppendResult((), 0, 0)
+        if self.disabled:
+            self._failed += len(batch)
+            return AppendResult((), len(batch), 0)
+        store = _Store(self._settings, self._reporter)
+        try:
+            _make_private_dir(self._settings.directory)
+            store.conn = store.connect(check=False)
+            with store.transaction():
+                result = store.append(batch, None)
+        except Exception as exc:
+            self._reporter.problem(
+                "append_sync",
+                logging.WARNING,
+                "spool %s: could not write %d signals at exit (%s)",
+                store.path,
+                len(batch),
+                exc,
+                exc=exc,
+            )
+            result = AppendResult((), len(batch), 0)
+        finally:
+            store.close()
+        self._failed += result.failed
+        return result
+
+
+async def open_spool(
+    directory: str | os.PathLike[str],
+    *,
+    max_bytes: int = 64 * 2**20,
+    max_age: float = 7 * 86400,
+    durability: Literal["spill", "always"] = "spill",
+    lease: float = 30.0,
+    clock: Callable[[], float] = time.time,
+) -> Spool:
+    """Open (create, or repair) the spool in ``directory`` for this process.
+
+    ``max_bytes`` bounds the total body size (oldest records are evicted beyond it),
+    ``max_age`` the age in seconds after which unsent records expire, ``durability`` is
+    ``"spill"`` or ``"always"`` (see the module documentation), ``lease`` how long (seconds)
+    this process counts as alive after its last heartbeat. ``clock`` gives unix time; tests
+    pass a fake one to move time forward.
+
+    Never raises for disk problems: a directory that cannot be used gives a ``disabled`` spool.
+    Raises :class:`ConfigurationError` for invalid options.
+    """
+    if not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ConfigurationError("max_bytes", f"must be a positive int, got {max_bytes!r}")
+    if not (max_age > 0 and math.isfinite(max_age)):
+        raise ConfigurationError("max_age", f"must be positive seconds, got {max_age!r}")
+    if durability not in ("spill", "always"):
+        raise ConfigurationError("durability", f'must be "spill" or "always", got {durability!r}')
+    if not (lease > 0 and math.isfinite(lease)):
+        raise ConfigurationError("lease", f"must be positive seconds, got {lease!r}")
+    settings = _Settings(
+        # Absolute now, so a later chdir() cannot move the spool; getcwd() is one cheap syscall.
+        directory=Path(os.getcwd(), os.fspath(directory)),
+        max_bytes=max_bytes,
+        max_age=float(max_age),
+        durability=durability,
+        lease=float(lease),
+        clock=clock,
+        owner_id=secrets.token_hex(8),
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+    )
+    spool = Spool(settings)
+    try:
+        await spool._start()
+    except BaseException:
+        # Cancelled while opening: the thread finishes the open, then closes the owner again.
+        spool._closed = True
+        spool._worker.stop(_Stop(crash=False, loop=None, future=None))
+        raise
+    _log.debug("spool %s opened (owner %s, %s)", settings.db_path, settings.owner_id, durability)
+    return spool
