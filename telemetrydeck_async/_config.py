@@ -40,7 +40,8 @@ OnDrop = Callable[[Sequence[Mapping[str, Any]], str], None]
 OnError = Callable[[BaseException], None]
 
 # Reverse-DNS style, URL-safe without escaping: letters, digits, dot, dash, underscore.
-_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# At most 255 characters, like a DNS name: it goes into the request line, which servers bound.
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
@@ -84,7 +85,7 @@ def _check_namespace(_inst: object, _attr: object, value: str | None) -> None:
         raise ConfigurationError(
             "namespace",
             f"must be the URL-safe namespace from the dashboard (letters, digits, '.', '-', "
-            f"'_'; e.g. 'com.example'), got {value!r}",
+            f"'_'; at most 255 characters; e.g. 'com.example'), got {value!r:.100}",
         )
 
 

@@ -219,6 +219,51 @@ session_ids = mostly(st.one_of(st.none(), names), texts, st.integers(), st.binar
 test_modes = mostly(st.one_of(st.none(), st.booleans()), st.integers(0, 1), st.text(max_size=3))
 signal_types = mostly(names, texts, st.integers(), st.none(), st.binary(max_size=8), values)
 
+#: A preset method call: (method name, positional arguments, keyword arguments).
+PresetCall = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+optional_texts = mostly(st.one_of(st.none(), names), texts, st.integers())
+preset_calls = st.one_of(
+    st.tuples(
+        st.just("error"),
+        st.tuples(mostly(names, texts, st.integers(), st.builds(ValueError, texts))),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "message": optional_texts,
+                "category": mostly(
+                    st.sampled_from(["thrown-exception", "user-input", "app-state"]), texts
+                ),
+            },
+        ),
+    ),
+    st.tuples(
+        st.just("navigation"), st.tuples(mostly(names, texts), mostly(names, texts)), st.just({})
+    ),
+    st.tuples(
+        st.just("purchase_completed"),
+        st.tuples(float_values),
+        st.fixed_dictionaries(
+            {
+                "purchase_type": mostly(
+                    st.sampled_from(["subscription", "one-time-purchase"]), texts
+                )
+            },
+            optional={"product_id": optional_texts, "currency_code": optional_texts},
+        ),
+    ),
+    st.tuples(
+        st.sampled_from(["user_acquired", "lead_started", "lead_converted", "core_feature_used"]),
+        st.tuples(mostly(names, texts, st.integers())),
+        st.just({}),
+    ),
+    st.tuples(
+        st.sampled_from(["onboarding_completed", "new_install_detected"]),
+        st.just(()),
+        st.fixed_dictionaries({}, optional={"payload": payloads, "client_user": users}),
+    ),
+)
+
 # ------------------------------------------------------------------------- harness
 
 RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=5.0)
@@ -249,15 +294,22 @@ class Harness:
             **options,
         )
 
-    async def attempt(self, td: TelemetryClient, **arguments: Any) -> dict[str, Any] | None:
+    async def attempt(
+        self, td: TelemetryClient, preset: PresetCall | None = None, **arguments: Any
+    ) -> dict[str, Any] | None:
         """Send one signal: return it as the emulator received it, or None if it was refused.
 
+        ``td.signal(**arguments)``, or with ``preset=(name, args, kwargs)`` that preset method.
         Any exception other than InvalidSignalError propagates and fails the test.
         """
         before = td.stats
         refused: InvalidSignalError | None = None
         try:
-            await td.signal(**arguments)
+            if preset is None:
+                await td.signal(**arguments)
+            else:
+                name, args, kwargs = preset
+                await getattr(td, name)(*args, **kwargs)
         except InvalidSignalError as exc:
             refused = exc
         if refused is not None:
@@ -410,6 +462,19 @@ def test_any_combination_of_arguments_is_sent_or_refused(harness: Harness) -> No
     )
     def check(**arguments: Any) -> None:
         harness.run(harness.attempt(harness.td, **arguments))
+
+    check()
+
+
+def test_presets_are_sent_or_refused(harness: Harness) -> None:
+    """Any arguments to the preset methods: a TelemetryDeck.* signal, or InvalidSignalError."""
+
+    @SETTINGS
+    @given(preset=preset_calls)
+    def check(preset: PresetCall) -> None:
+        got = harness.run(harness.attempt(harness.td, preset=preset))
+        if got is not None:
+            assert got["type"].startswith("TelemetryDeck.") or preset[0] == "error"
 
     check()
 
