@@ -24,15 +24,28 @@ class Batch:
     """Encoded signals bound for one request.
 
     ``seq`` is the position of the first signal in the client's stream (for ``flush()``);
-    ``spool_ids`` are the spool record ids when the signals are also on disk (recovered from the
-    spool, or written ahead); ``recovered`` marks a batch read back from the spool.
+    ``spool_ids`` are the spool record ids, one per signal (None for a signal not on disk), when
+    some signals are also on disk (recovered from the spool, or written ahead with durability
+    "always"); ``recovered`` marks a batch read back from the spool.
     """
 
     bodies: list[bytes]
     received_at: list[float]
     seq: int = 0
-    spool_ids: list[int] | None = None
+    spool_ids: list[int | None] | None = None
     recovered: bool = False
+
+    def written_ids(self) -> list[int]:
+        """The spool record ids of the signals that are on disk."""
+        return [i for i in self.spool_ids or () if i is not None]
+
+    def not_written(self) -> Batch:
+        """The part of this batch that is not on disk (all of it, when nothing was written)."""
+        ids = self.spool_ids
+        if ids is None:
+            return self
+        keep = [n for n, i in enumerate(ids) if i is None]
+        return Batch([self.bodies[n] for n in keep], [self.received_at[n] for n in keep], self.seq)
 
     def __len__(self) -> int:
         return len(self.bodies)
@@ -82,7 +95,10 @@ class Batcher:
     taken_total: int = 0
     _queue: deque[Signal] = attrs.field(factory=deque)
     # A signal encoded by take() that did not fit in the last batch: it leads the next one.
-    _carry: tuple[bytes, float] | None = None
+    _carry: tuple[bytes, float, int | None] | None = None
+    # Spool record ids of queued signals written ahead (durability "always"), by id(signal):
+    # empty otherwise, so the common path pays one truth test per batch.
+    _spool_ids: dict[int, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.space.set()
@@ -90,14 +106,19 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._queue) + (self._carry is not None)
 
-    def put(self, signal: Signal) -> bool:
-        """Append ``signal``; False (and nothing appended) when the queue is full."""
+    def put(self, signal: Signal, spool_id: int | None = None) -> bool:
+        """Append ``signal``; False (and nothing appended) when the queue is full.
+
+        ``spool_id``: the signal's record in the spool when it was written ahead.
+        """
         queue = self._queue
         size = len(queue)
         if size >= self.max_queue_size:
             self.space.clear()
             return False
         queue.append(signal)
+        if spool_id is not None:
+            self._spool_ids[id(signal)] = spool_id
         self.put_total += 1
         if size == 0 or size + 1 == self.batch_size:
             self.wakeup.set()
@@ -125,16 +146,22 @@ class Batcher:
             return None
         bodies: list[bytes] = []
         received: list[float] = []
+        written = self._spool_ids
+        ids: list[int | None] | None = None
         # Two bytes for the brackets; one comma per signal after the first.
         budget = self.max_batch_bytes - 2
         size = 0
         seq = self.taken_total
         if self._carry is not None:
-            body, at = self._carry
+            body, at, carried_id = self._carry
             self._carry = None
             bodies.append(body)
             received.append(at)
             size = len(body)
+            if carried_id is not None:
+                ids = [carried_id]
+        if written and ids is None:
+            ids = [None] * len(bodies)
         queue = self._queue
         app_id = self.app_id
         limit = self.batch_size
@@ -148,17 +175,22 @@ class Batcher:
             signal = pop()
             body = encode(signal, app_id)
             extra = len(body) + (1 if count else 0)
+            spool_id = written.pop(id(signal), None) if written else None
             if count and size + extra > budget:
-                self._carry = (body, signal.received_at)
+                self._carry = (body, signal.received_at, spool_id)
                 break
             add_body(body)
             add_time(signal.received_at)
+            if spool_id is not None and ids is None:
+                ids = [None] * count
+            if ids is not None:
+                ids.append(spool_id)
             size += extra
             count += 1
         self.taken_total += count
         if len(queue) < self.max_queue_size:
             self.space.set()
-        return Batch(bodies, received, seq)
+        return Batch(bodies, received, seq, ids)
 
     def drain(self) -> list[Batch]:
         """Everything still queued, as batches (used at shutdown to spool or account it)."""

@@ -192,6 +192,7 @@ class TelemetryClient(Presets):
         self._default_user: str | None = config.default_user
         if not self._enabled:
             self._default_user = _DISABLED_USER
+        self._write_ahead = config.spool_dir is not None and config.durability == "always"
         self._accounting = Accounting(on_drop=config.on_drop, on_error=config.on_error)
         self._batcher = Batcher(
             app_id=config.app_id,
@@ -468,12 +469,22 @@ class TelemetryClient(Presets):
             self._enqueue(self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {}))
         return user
 
-    def _enqueue(self, signal: Signal) -> bool:
+    def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
         self._accounting.enqueued += 1
-        if self._batcher.put(signal):
+        if self._batcher.put(signal, spool_id):
             return True
-        self._flusher.overflow(signal)
+        self._flusher.overflow(signal, spool_id)
         return False
+
+    async def _submit(self, signal: Signal) -> None:
+        """The awaiting path: write ahead (durability "always"), wait for room, enqueue."""
+        spool_id = None
+        if self._write_ahead:
+            # On disk (group-committed) before signal() returns: survives kill -9.
+            spool_id = await self._flusher.write_ahead(signal)
+        if not self._batcher.space.is_set():
+            await self._wait_for_room()
+        self._enqueue(signal, spool_id)
 
     async def signal(
         self,
@@ -508,9 +519,7 @@ class TelemetryClient(Presets):
                 return
             self._bind_loop()
         signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
-        if not self._batcher.space.is_set():
-            await self._wait_for_room()
-        self._enqueue(signal)
+        await self._submit(signal)
 
     async def _wait_for_room(self) -> None:
         if self._flusher.healthy:
@@ -604,9 +613,7 @@ class TelemetryClient(Presets):
         signal = self._build(
             signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
-        if not self._batcher.space.is_set():
-            await self._wait_for_room()
-        self._enqueue(signal)
+        await self._submit(signal)
 
     def _emit_nowait(
         self,

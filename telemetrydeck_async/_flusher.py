@@ -27,8 +27,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
@@ -36,6 +35,7 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._retry import retry_call
 from ._signal import Signal, encode_signal
+from ._spool import Spool, SpoolRecord, open_spool
 from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
@@ -46,7 +46,7 @@ from .exceptions import (
     RetryableStatusError,
 )
 
-__all__ = ["Flusher", "SpoolSink"]
+__all__ = ["Flusher"]
 
 log = logging.getLogger("telemetrydeck_async")
 
@@ -64,17 +64,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class SpoolSink(Protocol):
-    """What the flusher needs of the on-disk spool (``_spool.Spool`` implements it)."""
-
-    async def spill(self, batch: Batch) -> tuple[int, int, int]:
-        """Persist ``batch``; return (stored, failed, evicted)."""
-
-    async def ack(self, ids: Sequence[int]) -> None:
-        """Forget records that reached a final state (sent or dropped)."""
-
-    async def release(self, ids: Sequence[int]) -> None:
-        """Give records back to the spool for a later attempt."""
+#: ``seq`` of batches read back from the spool: after every flush() target, never waited for.
+_RECOVERED_SEQ = 2**62
+#: Encoded signals that may wait in memory for the spool writer (beside the queue itself).
+_OVERFLOW_BUFFER = 10_000
+#: A spool owner renews its lease this often while idle (the spool's lease is 30 s).
+_HEARTBEAT_INTERVAL = 10.0
 
 
 @attrs.define(eq=False)
@@ -85,7 +80,8 @@ class Flusher:
     batcher: Batcher
     transport: Transport
     accounting: Accounting
-    spool: SpoolSink | None = None
+    #: The open spool once ``spool_dir`` is configured and the spool has opened; else None.
+    spool: Spool | None = None
     in_flight: int = 0
     _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _deliveries: dict[asyncio.Task[None], Batch] = attrs.field(factory=dict, init=False)
@@ -100,6 +96,11 @@ class Flusher:
     _failing: bool = attrs.field(default=False, init=False)
     # Spool acks and overflow spills run beside deliveries; close() waits for them.
     _background: set[asyncio.Future[Any]] = attrs.field(factory=set, init=False)
+    _spool_opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
+    _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    # Signals that overflowed the queue, encoded, waiting for one background spill.
+    _overflow: list[tuple[bytes, float]] = attrs.field(factory=list, init=False)
+    _overflow_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
@@ -115,6 +116,11 @@ class Flusher:
     def parked(self) -> int:
         """Signals held in memory while the endpoint refuses the app ID or namespace."""
         return sum(len(b) for b in self._parked)
+
+    @property
+    def pending(self) -> int:
+        """Signals of this process not yet sent, spooled or dropped."""
+        return len(self.batcher) + self.in_flight + self.parked + len(self._overflow)
 
     @property
     def healthy(self) -> bool:
@@ -134,10 +140,16 @@ class Flusher:
     def start(self) -> None:
         """Start the background task in the running loop (idempotent)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="telemetrydeck-flusher"
-            )
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name="telemetrydeck-flusher")
             self._task.add_done_callback(self._on_task_done)
+            if self.config.spool_dir is not None:
+                self._spool_opening = loop.create_task(
+                    self._open_spool(self.config.spool_dir), name="telemetrydeck-spool-open"
+                )
+                self._recovery = loop.create_task(
+                    self._recover_forever(), name="telemetrydeck-spool-recovery"
+                )
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         # The loop below never returns on its own before stop; if it died anyway, say so loudly
@@ -211,12 +223,17 @@ class Flusher:
             if batch is None:
                 self._slots.release()
                 return
-            self.in_flight += len(batch)
-            task = asyncio.get_running_loop().create_task(self._deliver(batch))
-            self._deliveries[task] = batch
-            task.add_done_callback(self._delivery_done)
+            self._launch(batch)
             if self.endpoint_refusing:
                 return  # one probe at a time
+
+    def _launch(self, batch: Batch) -> None:
+        """Start the delivery of ``batch``; the caller holds a slot, released when it ends."""
+        if not batch.recovered:  # recovered signals were never pending in this process
+            self.in_flight += len(batch)
+        task = asyncio.get_running_loop().create_task(self._deliver(batch))
+        self._deliveries[task] = batch
+        task.add_done_callback(self._delivery_done)
 
     def _next_batch(self) -> Batch | None:
         if self._parked:
@@ -225,7 +242,7 @@ class Flusher:
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         batch = self._deliveries.pop(task, None)
-        if batch is not None:
+        if batch is not None and not batch.recovered:
             self.in_flight -= len(batch)
         self._slots.release()
         self._progress.set()
@@ -240,8 +257,13 @@ class Flusher:
         try:
             await self._deliver_until(batch, deadline)
         except asyncio.CancelledError:
-            # Cancelled by a close() out of time: the batch is accounted, never silently lost.
-            self._drop(batch, "shutdown")
+            if self._stopping:
+                # Cancelled by a close() out of time: the batch is accounted, never silently lost.
+                self._drop(batch, "shutdown")
+            else:
+                # Cancelled from outside (asyncio.run() ending without aclose()): keep the batch
+                # in memory, where the exit hook (_lifecycle) spools it or reports it lost.
+                self._parked.appendleft(batch)
             raise
 
     async def _deliver_until(self, batch: Batch, deadline: float) -> None:
@@ -367,14 +389,13 @@ class Flusher:
             log.info("the ingest endpoint accepts signals again")
             self._auth_failed_at = None
         self.accounting.record_sent(len(batch), recovered=batch.recovered)
-        if batch.spool_ids and self.spool is not None:
-            self._spool_later(self.spool.ack(batch.spool_ids))
+        self._forget(batch)
 
     # ----------------------------------------------------------------------------- outcomes
 
     async def _keep(self, batch: Batch) -> None:
         """Hold a refused batch: in the spool if there is one, else parked in memory."""
-        if self.spool is not None:
+        if await self._usable_spool() is not None:
             await self._spill_or_drop(batch, "retries_exhausted")
             return
         self._parked.append(batch)
@@ -383,30 +404,181 @@ class Flusher:
             self._drop(self._parked.popleft(), "queue_full")
 
     async def _spill_or_drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
-        if self.spool is None:
+        """Put a batch that cannot be sent now in the spool; without one, drop it."""
+        spool = await self._usable_spool()
+        if spool is None:
             self._drop(batch, reason, detail)
             return
-        if batch.spool_ids:
+        written = batch.written_ids()
+        if written:
             # Already on disk (written ahead, or recovered): hand it back for a later attempt.
-            await self.spool.release(batch.spool_ids)
+            await spool.release(written)
             if not batch.recovered:
-                self.accounting.spooled += len(batch)
+                self.accounting.spooled += len(written)
+        if batch.recovered:
             return
-        stored, failed, evicted = await self.spool.spill(batch)
-        self.accounting.spooled += stored
-        self.accounting.record_dropped("spool_error", failed)
-        self.accounting.record_dropped("spool_full", evicted)
+        rest = batch.not_written()
+        records = [
+            SpoolRecord(at, body) for body, at in zip(rest.bodies, rest.received_at, strict=True)
+        ]
+        if records:
+            result = await spool.append(records)
+            self.accounting.spooled += len(result.ids)
+            self.accounting.record_dropped("spool_error", result.failed, detail=detail)
+            self.accounting.record_dropped("spool_full", result.evicted, from_spool=True)
 
     def _drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
         bodies = batch.bodies
-        self.accounting.record_dropped(reason, len(batch), lambda: decode_bodies(bodies), detail)
+        self.accounting.record_dropped(
+            reason, len(batch), lambda: decode_bodies(bodies), detail, from_spool=batch.recovered
+        )
+        self._forget(batch)
+
+    def _forget(self, batch: Batch) -> None:
+        """The batch reached a final state: delete whatever of it is on disk."""
         if batch.spool_ids and self.spool is not None:
-            self._spool_later(self.spool.ack(batch.spool_ids))
+            written = batch.written_ids()
+            if written:
+                self._spool_later(self.spool.ack(written))
 
     def _spool_later(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # ----------------------------------------------------------------------------- spool
+
+    async def _open_spool(self, directory: str) -> Spool | None:
+        config = self.config
+        try:
+            spool = await open_spool(
+                directory,
+                max_bytes=config.spool_max_bytes,
+                max_age=config.spool_max_age,
+                durability=config.durability,
+            )
+        except Exception as exc:  # never into the app: carry on memory-only
+            log.exception("could not open the spool in %s; memory only", directory)
+            self.accounting.record_error(exc)
+            return None
+        self.spool = spool
+        await self._read_spool_figures(spool)
+        return spool
+
+    async def _usable_spool(self) -> Spool | None:
+        """The spool once it has opened, or None (not configured, failed, disabled, closed)."""
+        opening = self._spool_opening
+        if opening is None:
+            return None
+        spool = await asyncio.shield(opening) if not opening.done() else opening.result()
+        if spool is None or spool.disabled or spool.closed:
+            return None
+        return spool
+
+    async def write_ahead(self, signal: Signal) -> int | None:
+        """Durability "always": store ``signal`` on disk before ``signal()`` returns.
+
+        Returns its record id, or None when the spool cannot take it (the signal then goes on
+        from memory; the spool logs and counts the failure).
+        """
+        spool = await self._usable_spool()
+        if spool is None:
+            return None
+        record = SpoolRecord(signal.received_at, encode_signal(signal, self.config.app_id))
+        result = await spool.append([record], claimed=True)
+        self.accounting.record_dropped("spool_full", result.evicted, from_spool=True)
+        return result.ids[0] if result.ids else None
+
+    async def _read_spool_figures(self, spool: Spool) -> None:
+        status = await spool.status()
+        self.accounting.spool_records = status.records
+        self.accounting.spool_bytes = status.bytes
+
+    async def _recover_forever(self) -> None:
+        """Send what the spool holds, oldest first, whenever the endpoint is healthy.
+
+        Runs from start-up until close; also renews this process's lease on its records.
+        """
+        spool = await self._usable_spool()
+        if spool is None:
+            return
+        interval = min(self.config.flush_interval, 5.0)
+        beat = time.monotonic()
+        while not self._stopping:
+            try:
+                if self._may_recover():
+                    await self._recover_some(spool)
+                if time.monotonic() - beat >= _HEARTBEAT_INTERVAL:
+                    beat = time.monotonic()
+                    await spool.heartbeat()
+                await self._read_spool_figures(spool)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep recovering later; never into the app
+                log.warning("error while sending spooled signals; will retry", exc_info=True)
+                self.accounting.record_error(exc)
+            await asyncio.sleep(interval)
+
+    def _may_recover(self) -> bool:
+        """Spooled signals go out while the endpoint works, or as the probe once it failed.
+
+        After a failure, one recovered batch at a time tests the endpoint (with the usual
+        backoff) once nothing else is in flight; a success resumes the full pace.
+        """
+        return (
+            self.running
+            and not self._stopping
+            and self._auth_failed_at is None
+            and self._pause_until <= time.monotonic()
+            and (not self._failing or not self._deliveries)
+        )
+
+    async def _recover_some(self, spool: Spool) -> None:
+        """Claim and send spooled batches until the spool is empty or the endpoint fails."""
+        config = self.config
+        # Each signal costs a comma in the body, and the brackets two bytes.
+        budget = config.max_batch_bytes - 2 - config.batch_size
+        while self._may_recover():
+            await self._slots.acquire()
+            if not self._may_recover():
+                self._slots.release()
+                return
+            claim = await spool.claim(config.batch_size, budget)
+            self.accounting.record_dropped("expired", claim.expired, from_spool=True)
+            if not claim.records:
+                self._slots.release()
+                return
+            ids: list[int | None] = [record_id for record_id, _ in claim.records]
+            bodies = [body for _, body in claim.records]
+            self._launch(Batch(bodies, [0.0] * len(bodies), _RECOVERED_SEQ, ids, recovered=True))
+
+    def overflow(self, signal: Signal, spool_id: int | None = None) -> None:
+        """A signal did not fit in the queue: spool it in the background, or drop it."""
+        if spool_id is not None and self.spool is not None:
+            # Written ahead: it is on disk already; hand it to the spool for later.
+            self.accounting.spooled += 1
+            self._spool_later(self.spool.release([spool_id]))
+            return
+        body = encode_signal(signal, self.config.app_id)
+        if self.config.spool_dir is None:
+            self._drop(Batch([body], [signal.received_at], -1), "queue_full")
+            return
+        # One background writer for all overflowing signals, not a task per signal.
+        self._overflow.append((body, signal.received_at))
+        # Bounded: a burst from synchronous code can outrun the disk for a moment, not forever.
+        if len(self._overflow) > max(self.config.max_queue_size, _OVERFLOW_BUFFER):
+            old_body, old_at = self._overflow.pop(0)
+            self._drop(Batch([old_body], [old_at], -1), "queue_full")
+        if self._overflow_task is None or self._overflow_task.done():
+            self._overflow_task = asyncio.ensure_future(self._spill_overflow())
+            self._background.add(self._overflow_task)
+            self._overflow_task.add_done_callback(self._background.discard)
+
+    async def _spill_overflow(self) -> None:
+        while self._overflow:
+            chunk, self._overflow = self._overflow, []
+            batch = Batch([b for b, _ in chunk], [at for _, at in chunk], -1)
+            await self._spill_or_drop(batch, "queue_full")
 
     # ----------------------------------------------------------------------------- flush, close
 
@@ -445,10 +617,11 @@ class Flusher:
         if self.running:
             await self.flush(timeout=max(end - grace - loop.time(), 0.0))
         # Stop dispatching first, so no new delivery starts behind our back.
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._recovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._interrupt.set()
         if self._deliveries:
             _, still = await asyncio.wait(
@@ -463,6 +636,12 @@ class Flusher:
         self._parked.clear()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
+        if self._overflow:  # the disk was too slow for the close budget
+            chunk, self._overflow = self._overflow, []
+            self._drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
+        if self.spool is not None:
+            await self._read_spool_figures(self.spool)
+            await self.spool.close()
         self._progress.set()
         result = self._result_since(before)
         if result.dropped:
@@ -472,6 +651,24 @@ class Flusher:
                 ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items())),
             )
         return result
+
+    def take_everything(self) -> list[Batch]:
+        """Everything still in memory (parked, in flight, queued), for an exit without a loop.
+
+        Only for ``_lifecycle``, once the event loop is gone: no task will run again, so the
+        batches are taken out directly and counted out of ``in_flight``.
+        """
+        batches = [
+            # What is on disk already (written ahead, recovered) is adopted by the next run.
+            batch.not_written()
+            for batch in [*self._parked, *self._deliveries.values(), *self.batcher.drain()]
+            if not batch.recovered
+        ]
+        batches = [batch for batch in batches if batch.bodies]
+        self._parked.clear()
+        self._deliveries.clear()
+        self.in_flight = 0
+        return batches
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:
         acc = self.accounting
@@ -484,13 +681,5 @@ class Flusher:
             sent=sent - before[0],
             spooled=spooled - before[1],
             dropped={k: v for k, v in delta.items() if v},
-            pending=len(self.batcher) + self.in_flight + self.parked,
+            pending=self.pending,
         )
-
-    def overflow(self, signal: Signal) -> None:
-        """A signal did not fit in the queue: spool it in the background, or drop it."""
-        batch = Batch([encode_signal(signal, self.config.app_id)], [signal.received_at], -1)
-        if self.spool is None:
-            self._drop(batch, "queue_full")
-            return
-        self._spool_later(self._spill_or_drop(batch, "queue_full"))

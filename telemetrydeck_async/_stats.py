@@ -6,8 +6,11 @@ in flight). So at any moment::
 
     enqueued == sent + spooled + sum(dropped.values()) + pending
 
-Signals read back from the spool and delivered are counted in ``recovered``; those the spool
-itself had to discard are counted in ``dropped`` under ``expired`` / ``spool_full``.
+What happens to a signal after it reached the spool is counted apart, so the balance above
+holds: signals read back from the spool and delivered are counted in ``recovered``, and those
+given up there (``expired``, ``spool_full``, or refused by the server when resent) in
+``spool_dropped``. A spool is shared by processes, so these also count other processes'
+signals.
 
 One :class:`Accounting` object per client owns the counters, the ``on_drop``/``on_error``
 callbacks and the rate-limited warnings, so every part of the pipeline reports the same way.
@@ -98,6 +101,9 @@ class Stats:
         in_flight: signals in requests not yet answered (including backoff waits).
         parked: signals held while the endpoint refuses the app ID or namespace.
         last_error: the latest delivery or spool error, or None.
+        spool_dropped: signals given up after they reached the spool, by reason.
+        spool_records: records in the spool at its last reading (None without a spool).
+        spool_bytes: bytes of signal bodies in the spool at its last reading.
     """
 
     enqueued: int
@@ -111,6 +117,9 @@ class Stats:
     in_flight: int
     parked: int
     last_error: LastError | None
+    spool_dropped: Mapping[str, int] = attrs.field(factory=dict)
+    spool_records: int | None = None
+    spool_bytes: int | None = None
 
     @property
     def dropped_total(self) -> int:
@@ -189,6 +198,9 @@ class Accounting:
     spooled: int = 0
     recovered: int = 0
     dropped: Counter[str] = attrs.field(factory=Counter)
+    spool_dropped: Counter[str] = attrs.field(factory=Counter)
+    spool_records: int | None = None
+    spool_bytes: int | None = None
     last_error: LastError | None = None
     warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog)
 
@@ -206,14 +218,17 @@ class Accounting:
         count: int,
         bodies: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
         detail: str = "",
+        *,
+        from_spool: bool = False,
     ) -> None:
         """``count`` signals were given up for ``reason``; warn (rate-limited) and call on_drop.
 
         ``bodies`` builds the dropped signals for ``on_drop`` only when a callback is set.
+        ``from_spool``: they had already reached the spool (counted in ``spool_dropped``).
         """
         if count <= 0:
             return
-        self.dropped[reason] += count
+        (self.spool_dropped if from_spool else self.dropped)[reason] += count
         self.warnings.log(
             logging.WARNING,
             f"drop:{reason}",
@@ -252,6 +267,9 @@ class Accounting:
             in_flight=in_flight,
             parked=parked,
             last_error=self.last_error,
+            spool_dropped=dict(self.spool_dropped),
+            spool_records=self.spool_records,
+            spool_bytes=self.spool_bytes,
         )
 
 

@@ -1,0 +1,266 @@
+"""The client with an on-disk spool: restarts, outages, crashes (real processes, real files)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from telemetrydeck_async import RetryPolicy, TelemetryClient
+from telemetrydeck_async._spool import open_spool
+from telemetrydeck_async.devserver import IngestEmulator
+
+from . import _proc
+from .conftest import FAST_RETRY
+
+SHORT_DEADLINE = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=0.3)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (an endpoint that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def spool_client(base_url: str, spool_dir: Path, **options: object) -> TelemetryClient:
+    """A client with a spool and fast timings, aimed at ``base_url``."""
+    settings: dict[str, object] = {
+        "namespace": "com.example",
+        "default_user": "spool-user",
+        "retry": FAST_RETRY,
+        "flush_interval": 0.05,
+        "spool_dir": str(spool_dir),
+    }
+    settings.update(options)
+    return TelemetryClient("spool-app", base_url=base_url, **settings)  # type: ignore[arg-type]
+
+
+async def send_numbered(td: TelemetryClient, ids: range) -> None:
+    """Signals with ``Test.id`` from ``ids``."""
+    for i in ids:
+        await td.signal("Spool.case", payload={"Test.id": i})
+
+
+async def drain_into(emulator: IngestEmulator, spool_dir: Path, expected: int) -> TelemetryClient:
+    """Start a fresh client on the spool; wait (bounded) for ``expected`` ids or an empty spool."""
+    td = spool_client(emulator.base_url, spool_dir)
+    await td.start()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while loop.time() < deadline:
+        if len(emulator.distinct_ids()) >= expected or td.stats.spool_records == 0:
+            break
+        await emulator.wait_for_signals(len(emulator.signals) + 1, timeout=0.2)
+    return td
+
+
+async def test_graceful_restart_delivers_everything_with_original_received_at(
+    tmp_path: Path,
+) -> None:
+    """aclose() with the endpoint down spools all; the next client sends them, times intact."""
+    port = free_port()
+    first = spool_client(f"http://127.0.0.1:{port}", tmp_path, retry=SHORT_DEADLINE)
+    await send_numbered(first, range(1000))
+    closed = await first.aclose(timeout=3)
+    assert closed.dropped == {}
+    assert first.stats.spooled == 1000
+    assert first.stats.enqueued == first.stats.spooled
+    restart_started = "9999"
+    await asyncio.sleep(1.1)  # the resent signals must not share the first run's second
+    async with IngestEmulator(port=port) as emulator:
+        second = await drain_into(emulator, tmp_path, 1000)
+        restart_started = _iso_now()
+        await second.aclose()
+    assert emulator.distinct_ids() == set(range(1000))
+    assert emulator.duplicates() == 0
+    assert all(s["receivedAt"] < restart_started for s in emulator.signals)
+    assert second.stats.recovered == 1000
+    assert second.stats.sent == 0
+
+
+def _iso_now() -> str:
+    """The current UTC time in the SDK's receivedAt format (sortable as text)."""
+    import time
+
+    from telemetrydeck_async._signal import format_received_at
+
+    return format_received_at(time.time())
+
+
+async def test_retries_exhausted_go_to_the_spool_not_the_floor(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """Past the retry deadline with a spool configured, the batch is spooled, not dropped."""
+    emulator.faults.status_always = 500
+    td = spool_client(emulator.base_url, tmp_path, retry=SHORT_DEADLINE)
+    await send_numbered(td, range(50))
+    result = await td.flush()
+    assert result.spooled == 50
+    assert result.dropped == {}
+    emulator.faults.status_always = None
+    await emulator.wait_for_signals(50, timeout=30)
+    await td.aclose()
+    assert emulator.distinct_ids() == set(range(50))
+    assert td.stats.recovered == 50
+
+
+async def test_queue_overflow_spills_to_disk_instead_of_dropping(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """signal_nowait() past max_queue_size during an outage: the overflow is spooled."""
+    emulator.faults.status_always = 503
+    td = spool_client(
+        emulator.base_url,
+        tmp_path,
+        max_queue_size=20,
+        retry=RetryPolicy(initial_backoff=5, max_backoff=5, deadline=60),
+    )
+    await td.start()
+    for i in range(500):
+        td.signal_nowait("Spool.case", payload={"Test.id": i})
+    closed = await td.aclose(timeout=3)
+    stats = td.stats
+    assert stats.dropped == {}
+    assert stats.spooled == 500
+    assert closed.pending == 0
+    emulator.faults.status_always = None
+    again = await drain_into(emulator, tmp_path, 500)
+    await again.aclose()
+    assert emulator.distinct_ids() == set(range(500))
+
+
+async def test_refused_app_id_keeps_signals_in_the_spool(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """401 with a spool: the refused batch is spooled and delivered once the ID is fixed."""
+    emulator.faults.status_always = 401
+    td = spool_client(emulator.base_url, tmp_path)
+    await send_numbered(td, range(30))
+    result = await td.flush()
+    assert result.spooled == 30
+    assert result.dropped == {}
+    await td.aclose()
+    emulator.faults.status_always = None
+    again = await drain_into(emulator, tmp_path, 30)
+    await again.aclose()
+    assert emulator.distinct_ids() == set(range(30))
+
+
+async def test_always_durability_writes_before_signal_returns(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """With durability='always' a signal is on disk when await signal() returns."""
+    emulator.faults.status_always = 503
+    td = spool_client(
+        emulator.base_url,
+        tmp_path,
+        durability="always",
+        retry=RetryPolicy(initial_backoff=5, max_backoff=5, deadline=60),
+    )
+    await send_numbered(td, range(25))
+    observer = await open_spool(tmp_path)
+    try:
+        status = await observer.status()
+    finally:
+        await observer.close()
+    assert status.records == 25
+    emulator.faults.status_always = None
+    await td.flush()
+    await td.aclose()
+    assert emulator.distinct_ids() == set(range(25))
+    observer = await open_spool(tmp_path)
+    try:
+        assert (await observer.status()).records == 0
+    finally:
+        await observer.close()
+
+
+async def test_stats_report_spool_figures(tmp_path: Path) -> None:
+    """stats show the spool's records and bytes (None without a spool)."""
+    port = free_port()
+    td = spool_client(f"http://127.0.0.1:{port}", tmp_path, retry=SHORT_DEADLINE)
+    await send_numbered(td, range(10))
+    await td.aclose(timeout=3)
+    stats = td.stats
+    assert stats.spool_records == 10
+    assert stats.spool_bytes is not None
+    assert stats.spool_bytes > 10 * 100
+    plain = TelemetryClient("app", default_user="u")
+    assert plain.stats.spool_records is None
+
+
+def _acknowledged(lines: list[str]) -> set[int]:
+    """The ids the producer reported as returned from ``await td.signal()``."""
+    return {int(i) for line in lines if line.startswith("ok ") for i in line.split()[1:]}
+
+
+async def _crash_trial(
+    tmp_path: Path, durability: str, *, queue: int, pace: float = 0.0
+) -> tuple[int, int]:
+    """Run a producer, SIGKILL it mid-stream, recover; return (acknowledged, lost)."""
+    port = free_port()
+    spool_dir = tmp_path / "spool"
+    child = await _proc.start(
+        str(_proc.SCRIPTS / "spool_producer.py"),
+        f"http://127.0.0.1:{port}",
+        str(spool_dir),
+        durability,
+        "20000",
+        "32",
+        str(queue),
+        str(pace),
+    )
+    try:
+        await child.wait_for("^ready$", timeout=60)
+        target = random.randint(2000, 12000)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        acknowledged: set[int] = set()
+        while loop.time() < deadline and child.proc.returncode is None:
+            acknowledged = {
+                int(i) for line in child.out if line.startswith("ok ") for i in line.split()[1:]
+            }
+            if len(acknowledged) >= target:
+                break
+            await asyncio.sleep(0.01)
+        if child.proc.returncode is None:
+            child.send_signal(signal.SIGKILL)
+        await child.finish(timeout=30)
+        acknowledged = {
+            int(i) for line in child.out if line.startswith("ok ") for i in line.split()[1:]
+        }
+    finally:
+        await child.kill()
+    assert acknowledged, child.output
+    async with IngestEmulator(port=port) as emulator:
+        td = await drain_into(emulator, spool_dir, len(acknowledged))
+        await asyncio.sleep(0.3)  # anything beyond the acknowledged ids also arrives
+        await td.aclose()
+    delivered = emulator.distinct_ids()
+    assert emulator.duplicates() == 0
+    return len(acknowledged), len(acknowledged - delivered)
+
+
+@pytest.mark.parametrize("trial", range(3))
+async def test_kill_9_loses_nothing_with_always_durability(tmp_path: Path, trial: int) -> None:
+    """SIGKILL at a random point: every signal whose signal() returned is delivered later."""
+    acknowledged, lost = await _crash_trial(tmp_path, "always", queue=10_000)
+    assert acknowledged > 0
+    assert lost == 0
+
+
+@pytest.mark.parametrize("trial", range(2))
+async def test_kill_9_with_spill_loses_at_most_what_was_in_memory(
+    tmp_path: Path, trial: int
+) -> None:
+    """SIGKILL with durability='spill': only the in-memory window (queue + requests) is lost."""
+    queue = 500
+    acknowledged, lost = await _crash_trial(tmp_path, "spill", queue=queue, pace=0.002)
+    # In memory at any time: the queue, the batches being retried, and overflow not yet written.
+    assert lost <= 2 * queue + 2 * 100, (acknowledged, lost)
