@@ -4,6 +4,7 @@ Commands:
     demo        run the local ingest emulator and send a few thousand signals through it
     send        send one signal and report whether it was delivered
     devserver   run the local ingest emulator (with optional injected faults)
+    spool       inspect (status) or empty (drain) an on-disk spool directory
 """
 
 from __future__ import annotations
@@ -167,6 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     devserver = commands.add_parser("devserver", help="run the local ingest emulator")
     add_devserver_arguments(devserver)
+
+    from ._spool_cli import add_spool_commands
+
+    add_spool_commands(commands)
     return parser
 
 
@@ -183,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(args.count, args.fail_next))
         if args.command == "send":
             return asyncio.run(_send(args))
+        if args.command == "spool":
+            from ._spool_cli import spool_main
+
+            return spool_main(args)
         if args.command == "devserver":
             from .devserver import devserver_main
 

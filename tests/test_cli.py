@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import sys
+from pathlib import Path
 
+from telemetrydeck_async import RetryPolicy, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
 
 from .conftest import sdk_parameters, sha256_hex
@@ -89,3 +93,80 @@ async def test_send_with_invalid_arguments_exits_2() -> None:
     )
     assert code == 2
     assert "type" in err
+
+
+async def _fill_spool(directory: Path, count: int) -> None:
+    """Spool ``count`` signals by closing a client whose endpoint is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    td = TelemetryClient(
+        "APP",
+        namespace="com.example",
+        base_url=f"http://127.0.0.1:{port}",
+        default_user="u",
+        spool_dir=str(directory),
+        retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.02, deadline=0.2),
+    )
+    for i in range(count):
+        await td.signal("Cli.spooled", payload={"Test.id": i})
+    await td.aclose(timeout=3)
+    assert td.stats.spooled == count
+
+
+async def test_spool_status_reports_what_the_directory_holds(tmp_path: Path) -> None:
+    """spool status prints the record count and the time range of a spool directory."""
+    await _fill_spool(tmp_path, 40)
+    code, out, err = await run_cli("spool", "status", str(tmp_path))
+    assert code == 0, err
+    assert re.search(r"records \(signals\)\s+40$", out, re.MULTILINE)
+    assert "oldest receivedAt" in out
+
+
+async def test_spool_status_of_a_directory_without_a_spool_fails(tmp_path: Path) -> None:
+    """Pointing spool status at an empty directory is an error, and creates nothing."""
+    code, _out, err = await run_cli("spool", "status", str(tmp_path / "none"))
+    assert code == 1
+    assert "no spool" in err
+    assert not (tmp_path / "none").exists()
+
+
+async def test_spool_drain_sends_everything_and_exits_zero(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """spool drain delivers every spooled signal and leaves the spool empty."""
+    await _fill_spool(tmp_path, 250)
+    code, out, err = await run_cli(
+        "spool",
+        "drain",
+        str(tmp_path),
+        "--app-id",
+        "APP",
+        "--namespace",
+        "com.example",
+        "--base-url",
+        emulator.base_url,
+        "--timeout",
+        "60",
+    )
+    assert code == 0, err
+    assert "sent 250 signal(s)" in out
+    assert emulator.distinct_ids() == set(range(250))
+
+
+async def test_spool_drain_exits_nonzero_when_signals_are_left(tmp_path: Path) -> None:
+    """With the endpoint down, drain gives up after its timeout and says what is left."""
+    await _fill_spool(tmp_path, 10)
+    code, _out, err = await run_cli(
+        "spool",
+        "drain",
+        str(tmp_path),
+        "--app-id",
+        "APP",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--timeout",
+        "1",
+    )
+    assert code == 1
+    assert "10 signal(s) could not be sent" in err
