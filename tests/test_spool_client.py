@@ -264,3 +264,22 @@ async def test_kill_9_with_spill_loses_at_most_what_was_in_memory(
     acknowledged, lost = await _crash_trial(tmp_path, "spill", queue=queue, pace=0.002)
     # In memory at any time: the queue, the batches being retried, and overflow not yet written.
     assert lost <= 2 * queue + 2 * 100, (acknowledged, lost)
+
+
+async def test_unusable_spool_dir_degrades_to_memory_only(
+    tmp_path: Path, emulator: IngestEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spool_dir that cannot be created: logged, and the client works from memory."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    td = spool_client(emulator.base_url, blocker / "spool")
+    await send_numbered(td, range(20))
+    result = await td.flush()
+    assert result.sent == 20
+    emulator.faults.status_always = 503
+    await send_numbered(td, range(20, 30))
+    closed = await td.aclose(timeout=1)
+    assert closed.dropped == {"shutdown": 10}
+    assert td.stats.spooled == 0
+    assert "spool" in caplog.text
+    assert emulator.distinct_ids() == set(range(20))
