@@ -639,9 +639,13 @@ class Flusher:
         if self._overflow:  # the disk was too slow for the close budget
             chunk, self._overflow = self._overflow, []
             self._drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
-        if self.spool is not None:
-            await self._read_spool_figures(self.spool)
-            await self.spool.close()
+        # The spool may still be opening (a very short-lived client): wait, then close it, so
+        # its thread never outlives the client.
+        spool = None if self._spool_opening is None else await asyncio.shield(self._spool_opening)
+        if spool is not None:
+            if not spool.disabled and not spool.closed:
+                await self._read_spool_figures(spool)
+            await spool.close()
         self._progress.set()
         result = self._result_since(before)
         if result.dropped:
