@@ -14,10 +14,11 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from . import _lifecycle
 from ._batcher import Batcher
 from ._config import (
     DEFAULT_BASE_URL,
@@ -44,7 +45,7 @@ from ._signal import (
     validate_float_value,
     validate_type,
 )
-from ._stats import Accounting, FlushResult, Stats
+from ._stats import Accounting, FlushResult, Stats, decode_bodies
 from ._transport import Transport
 from .exceptions import (
     ClientClosedError,
@@ -193,6 +194,19 @@ class TelemetryClient(Presets):
         if not self._enabled:
             self._default_user = _DISABLED_USER
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
+        self._new_pipeline()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._close_result: FlushResult | None = None
+        # The one close in progress: every aclose() awaits it (shielded), see aclose().
+        self._closing: asyncio.Task[FlushResult] | None = None
+        self._exit_ticket: _lifecycle.ExitTicket | None = None
+        self._signal_handlers: _lifecycle.SignalHandlers | None = None
+        _lifecycle.track(self)
+
+    def _new_pipeline(self) -> None:
+        """Build the accounting, batcher and flusher (at construction, and after fork())."""
+        config = self._config
         self._accounting = Accounting(on_drop=config.on_drop, on_error=config.on_error)
         self._batcher = Batcher(
             app_id=config.app_id,
@@ -206,10 +220,6 @@ class TelemetryClient(Presets):
             transport=self._make_transport(config),
             accounting=self._accounting,
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-        self._close_result: FlushResult | None = None
-        self._close_done = asyncio.Event()
 
     def _make_transport(self, config: ClientConfig) -> Transport:
         """The HTTP edge the flusher sends through.
@@ -310,9 +320,11 @@ class TelemetryClient(Presets):
         if self._loop is None:
             self._loop = loop
             self._flusher.start()
+            self._exit_ticket = _lifecycle.opened(self._flusher, loop, self._closed_without_loop)
         elif loop is not self._loop:
             raise WrongEventLoopError(
-                "this TelemetryClient is bound to another event loop; create one client per loop"
+                "this TelemetryClient is bound to another event loop; create one client per "
+                "loop, or hand signals over from other threads with signal_threadsafe()"
             )
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
@@ -355,23 +367,103 @@ class TelemetryClient(Presets):
 
         What cannot be sent in time goes to the spool, or is dropped with reason
         ``shutdown`` when there is none. Later ``signal()`` calls raise ``ClientClosedError``.
+        Concurrent calls share one close; a caller cancelled while waiting leaves the close
+        running to its bounded end. Called on another loop after the client's own loop has
+        ended, it spools (or drops) what is left without network I/O.
         """
         if self._close_result is not None:
             return self._close_result
-        if self._closed:  # another aclose() is running: wait for it without closing twice
-            await self._close_done.wait()
-            assert self._close_result is not None  # set before the event
-            return self._close_result
-        self._closed = True
-        budget = self._config.close_timeout if timeout is None else timeout
-        if self._loop is None:
-            result = FlushResult(sent=0, spooled=0, dropped={}, pending=0)
-        else:
-            result = await self._flusher.close(budget)
-            await self._flusher.transport.close()
+        running = asyncio.get_running_loop()
+        if self._loop is not None and running is not self._loop:
+            return self._close_without_own_loop()
+        closing = self._closing
+        if closing is None or (closing.done() and (closing.cancelled() or closing.exception())):
+            self._closed = True
+            budget = self._config.close_timeout if timeout is None else timeout
+            closing = self._closing = running.create_task(
+                self._close(budget), name="telemetrydeck-close"
+            )
+        return await asyncio.shield(closing)
+
+    async def _close(self, budget: float) -> FlushResult:
+        try:
+            if self._loop is None:
+                result = FlushResult(sent=0, spooled=0, dropped={}, pending=0)
+            else:
+                result = await self._flusher.close(budget)
+                await self._flusher.transport.close()
+        finally:
+            if self._signal_handlers is not None:
+                self._signal_handlers.uninstall()
+        # Only a finished close retires the exit ticket: if this one is cut short (the loop
+        # is torn down), the exit hook still finds what is left.
+        _lifecycle.closed(self._exit_ticket)
         self._close_result = result
-        self._close_done.set()
         return result
+
+    def _close_without_own_loop(self) -> FlushResult:
+        loop = self._loop
+        assert loop is not None
+        if loop.is_running() and not loop.is_closed():
+            raise WrongEventLoopError(
+                "this TelemetryClient's event loop still runs in another thread: close it there "
+                "(e.g. asyncio.run_coroutine_threadsafe(client.aclose(), loop))"
+            )
+        self._closed = True
+        result = _lifecycle.salvage(self._flusher, "aclose() ran after the client's loop ended")
+        _lifecycle.closed(self._exit_ticket)
+        self._close_result = result
+        return result
+
+    def _closed_without_loop(self, result: FlushResult) -> None:
+        """The exit hook spooled or dropped what was left: the client is closed."""
+        self._closed = True
+        self._close_result = result
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's queue, task, session and loop (_lifecycle).
+
+        The parent alone sends what it had queued; this process starts over with an empty
+        queue, a new session id (unless one was configured) and binds its own loop on next use.
+        """
+        handlers = self._signal_handlers
+        if handlers is not None:
+            handlers.forget_after_fork()
+        _lifecycle.keep_inherited(self._flusher, self._loop, handlers, self._closing)
+        self._signal_handlers = None
+        self._exit_ticket = None
+        self._closing = None
+        if self._closed:
+            if self._close_result is None:  # the parent was closing it: nothing is left here
+                self._close_result = FlushResult(sent=0, spooled=0, dropped={}, pending=0)
+            return
+        self._loop = None
+        if self._config.session_id is None:
+            self._session_id = str(uuid.uuid4())
+        self._new_pipeline()
+
+    def install_signal_handlers(self, signals: Iterable[int] | None = None) -> None:
+        """Close gracefully on SIGTERM and SIGINT, then let the signal do what it did before.
+
+        For applications that own their event loop (``asyncio.run(main())``, a worker, a CLI):
+        on the first signal ``aclose()`` runs (bounded by ``close_timeout``), the previous
+        handlers are put back and the signal is raised again, so SIGTERM then ends the process
+        as it would have and SIGINT raises ``KeyboardInterrupt``. A second signal during the
+        close skips the wait. ``aclose()`` removes the handlers.
+
+        Not for apps run by uvicorn, gunicorn or aiohttp's ``run_app``: those handle signals
+        and shut the app down themselves (use the integrations' lifespan helpers there).
+        Call it on the running loop in the main thread; POSIX only (asyncio raises
+        ``NotImplementedError`` elsewhere). ``signals``: signal numbers (default SIGTERM,
+        SIGINT). A disabled client installs nothing.
+        """
+        if not self._enabled:
+            return
+        self._bind_loop()
+        if self._signal_handlers is None:
+            loop = asyncio.get_running_loop()
+            self._signal_handlers = _lifecycle.SignalHandlers(self.aclose, loop)
+        self._signal_handlers.install(_lifecycle.DEFAULT_SIGNALS if signals is None else signals)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_loop", None) is not None and not getattr(self, "_closed", True):
@@ -466,7 +558,9 @@ class TelemetryClient(Presets):
         self._default_user = user
         if created:
             # A new installation, as the official SDKs report on first launch.
-            self._enqueue(self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {}))
+            self._enqueue_anywhere(
+                self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {})
+            )
         return user
 
     def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
@@ -557,7 +651,9 @@ class TelemetryClient(Presets):
         """Like :meth:`signal`, for synchronous code running on the client's loop.
 
         Never waits: with a full queue the signal goes to the spool or is dropped
-        (``queue_full``). Must be called on the loop's thread while the loop runs.
+        (``queue_full``). Must be called on the loop's thread while the loop runs; from any
+        other thread it raises ``WrongEventLoopError`` (use :meth:`signal_threadsafe`), so a
+        signal is always queued, spooled or dropped by the time this returns.
         """
         try:
             loop = asyncio.get_running_loop()
@@ -584,10 +680,74 @@ class TelemetryClient(Presets):
             asyncio.get_running_loop()
         except RuntimeError:
             raise WrongEventLoopError(
-                "signal_nowait() must be called from the client's event loop thread"
+                "signal_nowait() must be called from the client's event loop thread; "
+                "from other threads use signal_threadsafe()"
             ) from None
         self._bind_loop()
         return True
+
+    def signal_threadsafe(
+        self,
+        signal_type: str,
+        *,
+        client_user: str | None = None,
+        session_id: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        float_value: float | None = None,
+        test_mode: bool | None = None,
+    ) -> None:
+        """Like :meth:`signal_nowait`, callable from any thread (Django/Flask worker threads).
+
+        The arguments are validated in the calling thread, so a bad call raises
+        :class:`InvalidSignalError` there and queues nothing; the signal is then handed to the
+        client's loop with ``loop.call_soon_threadsafe`` and this returns at once. The client
+        must have been started on its loop first (``async with`` or ``await start()``),
+        otherwise ``WrongEventLoopError``; once it is closed, or its loop has ended,
+        ``ClientClosedError``. A signal that reaches the loop after ``aclose()`` began is
+        counted as dropped (reason ``shutdown``), never left pending.
+        """
+        if not self._enabled:
+            self._validate_disabled(
+                signal_type, client_user, session_id, payload, float_value, test_mode
+            )
+            return
+        if self._closed:
+            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+        loop = self._loop
+        if loop is None:
+            raise WrongEventLoopError(
+                "signal_threadsafe() needs a started client: enter 'async with "
+                "TelemetryClient(...)' or 'await client.start()' on the loop that owns it first"
+            )
+        signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
+        self._enqueue_anywhere(signal)
+
+    def _enqueue_anywhere(self, signal: Signal) -> None:
+        """Enqueue on the loop thread directly, from any other thread through the loop."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            self._enqueue(signal)
+            return
+        try:
+            loop.call_soon_threadsafe(self._enqueue_handed_over, signal)
+        except RuntimeError:  # the loop is closed
+            raise ClientClosedError(
+                "this TelemetryClient's event loop has ended; the signal was not queued"
+            ) from None
+
+    def _enqueue_handed_over(self, signal: Signal) -> None:
+        # On the loop. After aclose() began nothing will send the queue again: count the
+        # signal and drop it rather than leave it pending forever.
+        if self._closed:
+            self._accounting.enqueued += 1
+            body = encode_signal(signal, self._config.app_id)
+            self._accounting.record_dropped("shutdown", 1, lambda: decode_bodies([body]))
+            return
+        self._enqueue(signal)
 
     # ----------------------------------------------------------------------------- presets
 

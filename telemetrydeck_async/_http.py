@@ -1,0 +1,131 @@
+"""The request signal shared by the web integrations (``starlette.py``, ``aiohttp_web.py``).
+
+One signal per finished HTTP request, when the app opts in with a middleware:
+
+========================  ===================================================================
+type                      ``HTTP.Request.completed`` (configurable)
+``HTTP.Request.route``    the route *template* (``/items/{item_id}``), never the raw path, so
+                          ids in URLs neither leak nor explode the number of distinct values;
+                          ``(unmatched)`` when no route matched
+``HTTP.Request.method``   ``GET``, ``POST``...
+``HTTP.Response.statusClass``  ``2xx``, ``4xx``, ``5xx``...
+``floatValue``            the duration in milliseconds
+========================  ===================================================================
+
+Telemetry never breaks a request: a failing filter, user hook or signal is logged
+(rate-limited) and the response goes out as usual. No framework is imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+
+from ._client import TelemetryClient
+from ._signal import validate_type
+from ._stats import RateLimitedLog
+
+__all__ = [
+    "DEFAULT_REQUEST_SIGNAL",
+    "METHOD_KEY",
+    "ROUTE_KEY",
+    "STATUS_CLASS_KEY",
+    "UNMATCHED_ROUTE",
+    "RequestFilter",
+    "RequestInfo",
+    "RequestSignals",
+    "status_class",
+]
+
+#: The default type of the per-request signal.
+DEFAULT_REQUEST_SIGNAL: Final = "HTTP.Request.completed"
+#: Payload key: the route template.
+ROUTE_KEY: Final = "HTTP.Request.route"
+#: Payload key: the HTTP method.
+METHOD_KEY: Final = "HTTP.Request.method"
+#: Payload key: the status class, e.g. ``"2xx"``.
+STATUS_CLASS_KEY: Final = "HTTP.Response.statusClass"
+#: The route sent when no route matched (a 404, say): the raw path is never sent.
+UNMATCHED_ROUTE: Final = "(unmatched)"
+
+
+def status_class(status: int) -> str:
+    """``"2xx"`` for 200..299 and so on."""
+    return f"{status // 100}xx"
+
+
+@attrs.frozen(kw_only=True)
+class RequestInfo:
+    """One finished HTTP request, as a request filter sees it.
+
+    Attributes:
+        method: the HTTP method, e.g. ``"GET"``.
+        route: the route template, or ``"(unmatched)"``.
+        path: the raw request path, for filtering only (it is never sent).
+        status: the response status (500 when the app raised before answering).
+        duration_ms: milliseconds from the request reaching the middleware to the app
+            returning.
+    """
+
+    method: str
+    route: str
+    path: str
+    status: int
+    duration_ms: float
+
+
+#: ``filter(info) -> bool``: False skips the request's signal (health checks, static files).
+RequestFilter = Callable[[RequestInfo], bool]
+
+
+@attrs.define
+class RequestSignals:
+    """Builds and queues the per-request signal; shared by both middlewares."""
+
+    signal_type: str = attrs.field()
+    filter: RequestFilter | None = None
+    _warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog, init=False)
+
+    @signal_type.validator
+    def _check_type(self, _attr: object, value: str) -> None:
+        validate_type(value)  # InvalidSignalError at app setup, not on every request
+
+    def wanted(self, info: RequestInfo) -> bool:
+        """Whether the filter lets this request's signal through (a raising filter: no)."""
+        if self.filter is None:
+            return True
+        try:
+            return bool(self.filter(info))
+        except Exception as exc:
+            self.warn("filter", "the request signal filter raised; skipping the signal", exc)
+            return False
+
+    def send(self, client: TelemetryClient | None, info: RequestInfo, user: str | None) -> None:
+        """Queue the signal for ``info`` on ``client`` (no I/O, never raises)."""
+        if client is None:
+            self.warn(
+                "no-client",
+                "no TelemetryClient for the request signal: set up the integration's "
+                "lifespan/cleanup_ctx helper, or pass client=",
+            )
+            return
+        try:
+            client.signal_nowait(
+                self.signal_type,
+                client_user=user,
+                payload={
+                    ROUTE_KEY: info.route,
+                    METHOD_KEY: info.method,
+                    STATUS_CLASS_KEY: status_class(info.status),
+                },
+                float_value=info.duration_ms,
+            )
+        except Exception as exc:
+            self.warn("signal", "could not queue the request signal", exc)
+
+    def warn(self, key: str, msg: str, exc: BaseException | None = None) -> None:
+        """Log a WARNING about the request signal, at most once a minute per ``key``."""
+        self._warnings.log(logging.WARNING, key, msg + " (request served normally)", exc_info=exc)
