@@ -67,7 +67,7 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
             "stall": with_sink(loop_stall),
             "memory": lambda: memory(settings.memory_n),
             "burst": with_sink(burst),
-            "spool": lambda: spool_figures(settings.spool_n),
+            "spool": with_sink(lambda s, sink: spool_figures(s.spool_n, sink)),
             "shutdown": with_sink(shutdown),
         }
         for name in FIGURES:
