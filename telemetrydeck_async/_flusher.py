@@ -254,19 +254,40 @@ class Flusher:
 
     async def _deliver(self, batch: Batch) -> None:
         deadline = time.monotonic() + self.config.retry.deadline
+        # Sub-batches not yet accounted, the next one last. A split replaces a batch by its
+        # halves, so a cancellation accounts exactly what is left, never a sent half again.
+        todo = [batch]
         try:
-            await self._deliver_until(batch, deadline)
+            while todo:
+                halves = await self._deliver_once(todo[-1], deadline)
+                todo.pop()
+                if halves is not None:
+                    todo.extend(reversed(halves))
         except asyncio.CancelledError:
-            if self._stopping:
-                # Cancelled by a close() out of time: the batch is accounted, never silently lost.
-                self._drop(batch, "shutdown")
-            else:
-                # Cancelled from outside (asyncio.run() ending without aclose()): keep the batch
-                # in memory, where the exit hook (_lifecycle) spools it or reports it lost.
-                self._parked.appendleft(batch)
+            for rest in todo:
+                self._abandon(rest)
             raise
 
-    async def _deliver_until(self, batch: Batch, deadline: float) -> None:
+    def _abandon(self, batch: Batch) -> None:
+        """A delivery was cancelled: what is on disk stays there, the rest is kept or dropped."""
+        written = batch.written_ids()
+        if written and self.spool is not None:
+            self._spool_later(self.spool.release(written))
+            if not batch.recovered:
+                self.accounting.spooled += len(written)
+        rest = batch.not_written()
+        if batch.recovered or not rest.bodies:
+            return
+        if self._stopping:
+            # Cancelled by a close() out of time: accounted, never silently lost.
+            self._drop(rest, "shutdown")
+        else:
+            # Cancelled from outside (asyncio.run() ending without aclose()): keep it in
+            # memory, where the exit hook (_lifecycle) spools it or reports it lost.
+            self._parked.appendleft(rest)
+
+    async def _deliver_once(self, batch: Batch, deadline: float) -> tuple[Batch, Batch] | None:
+        """Send ``batch`` with retries and account it; or return its halves to send instead."""
         body = batch.payload()
         try:
             await retry_call(
@@ -278,18 +299,14 @@ class Flusher:
             )
         except PayloadTooLargeError as exc:
             self.accounting.record_error(exc)
-            if len(batch) == 1:
-                self._drop(batch, "oversize", str(exc))
-            else:
-                for half in batch.split():
-                    await self._deliver_until(half, deadline)
+            if len(batch) > 1:
+                return batch.split()
+            self._drop(batch, "oversize", str(exc))
         except RejectedError as exc:
-            if len(batch) == 1:
-                self.accounting.record_error(exc)
-                self._drop(batch, "rejected", exc.body[:200])
-            else:
-                for half in batch.split():
-                    await self._deliver_until(half, deadline)
+            if len(batch) > 1:
+                return batch.split()  # bisect: one bad signal must not sink the others
+            self.accounting.record_error(exc)
+            self._drop(batch, "rejected", exc.body[:200])
         except AuthenticationError as exc:
             self.accounting.record_error(exc)
             self._on_auth_failure(exc)
@@ -298,13 +315,13 @@ class Flusher:
             await self._spill_or_drop(batch, "shutdown")
         except DeliveryError as exc:
             self.accounting.record_error(exc)
-            reason: DropReason = "retries_exhausted" if exc.retryable else "permanent_error"
             if exc.retryable:
-                await self._spill_or_drop(batch, reason, str(exc))
+                await self._spill_or_drop(batch, "retries_exhausted", str(exc))
             else:
-                self._drop(batch, reason, str(exc))
+                self._drop(batch, "permanent_error", str(exc))
         else:
             self._on_sent(batch)
+        return None
 
     async def _attempt(self, body: bytes) -> None:
         await self._wait_out_pause()

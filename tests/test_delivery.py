@@ -398,3 +398,20 @@ def test_same_warning_is_rate_limited_with_a_count(caplog: pytest.LogCaptureFixt
 def test_fast_retry_policy_used_by_tests_is_valid() -> None:
     """The shared test policy is a real RetryPolicy (guards the fixtures)."""
     assert FAST_RETRY.deadline > FAST_RETRY.max_backoff
+
+
+async def test_close_during_a_split_accounts_each_signal_once(
+    make_client: ClientFactory, emulator: IngestEmulator
+) -> None:
+    """aclose() while 413 halves are still being sent: sent + dropped covers each signal once."""
+    emulator.faults.update({"max_body_bytes": 3000, "delay": 0.05})
+    td = make_client()
+    await send_numbered(td, 400)
+    await asyncio.sleep(0.3)  # some halves are delivered, others still waiting
+    result = await asyncio.wait_for(td.aclose(timeout=0.5), timeout=30)
+    stats = td.stats
+    assert stats.sent == len(emulator.distinct_ids())
+    assert stats.sent + stats.dropped_total == 400
+    assert set(stats.dropped) <= {"shutdown"}
+    assert result.pending == 0
+    assert_books_balance(td)
