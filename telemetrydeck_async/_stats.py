@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import attrs
 
@@ -51,17 +51,7 @@ DropReason = Literal[
     "spool_error",
 ]
 #: Every reason a signal can be dropped for, as it appears in ``stats.dropped`` and ``on_drop``.
-DROP_REASONS: Final[tuple[DropReason, ...]] = (
-    "queue_full",
-    "retries_exhausted",
-    "oversize",
-    "rejected",
-    "permanent_error",
-    "shutdown",
-    "expired",
-    "spool_full",
-    "spool_error",
-)
+DROP_REASONS: Final[tuple[DropReason, ...]] = get_args(DropReason)
 
 _DROP_EXPLANATIONS: Final[Mapping[str, str]] = {
     "queue_full": "the in-memory queue was full (raise max_queue_size or set spool_dir)",
