@@ -286,7 +286,7 @@ class TelemetryClient(Presets):
         """A snapshot of the counters: what was sent, spooled, dropped, and what is pending."""
         flusher = self._flusher
         return self._accounting.snapshot(
-            queue_depth=len(self._batcher),
+            queue_depth=flusher.queue_depth,
             in_flight=flusher.in_flight,
             parked=flusher.parked,
         )

@@ -118,9 +118,14 @@ class Flusher:
         return sum(len(b) for b in self._parked)
 
     @property
+    def queue_depth(self) -> int:
+        """Signals waiting in memory: the queue, and overflow waiting for the spool writer."""
+        return len(self.batcher) + len(self._overflow)
+
+    @property
     def pending(self) -> int:
         """Signals of this process not yet sent, spooled or dropped."""
-        return len(self.batcher) + self.in_flight + self.parked + len(self._overflow)
+        return self.queue_depth + self.in_flight + self.parked
 
     @property
     def healthy(self) -> bool:
