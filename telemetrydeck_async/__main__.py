@@ -39,7 +39,7 @@ def _print_table(rows: Sequence[tuple[str, str]], title: str) -> None:
         print(f"{key:<{width}}  {value:>10}")
 
 
-async def _demo(count: int, fail_next: int) -> int:
+async def _demo(count: int, fail_next: int, outage: float) -> int:
     # Imported here so `send` does not pay for the emulator's imports.
     from .devserver import FaultPlan, IngestEmulator
 
@@ -48,7 +48,16 @@ async def _demo(count: int, fail_next: int) -> int:
     )
     async with emulator:
         print(f"local ingest emulator on {emulator.base_url} (first {fail_next} requests get 503)")
+        if outage:
+            print(f"half-way through, the emulator answers 503 to everything for {outage:g} s")
         started = time.perf_counter()
+        outage_task: asyncio.Task[None] | None = None
+
+        async def outage_window() -> None:
+            emulator.faults.status_always = 503
+            await asyncio.sleep(outage)
+            emulator.faults.status_always = None
+
         async with TelemetryClient(
             "demo-app-id",
             namespace="com.example.demo",
@@ -59,6 +68,12 @@ async def _demo(count: int, fail_next: int) -> int:
             retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5, deadline=30.0),
         ) as td:
             for i in range(count):
+                if i % 100 == 0:
+                    await asyncio.sleep(
+                        0.002
+                    )  # a service's natural pauses: batches leave as they fill
+                if outage and i == count // 2:
+                    outage_task = asyncio.ensure_future(outage_window())
                 signal_type = _DEMO_TYPES[i % len(_DEMO_TYPES)]
                 await td.signal(
                     signal_type,
@@ -66,6 +81,8 @@ async def _demo(count: int, fail_next: int) -> int:
                     payload={"Demo.index": i, "Demo.even": i % 2 == 0},
                     float_value=(i % 100) / 10 if signal_type.startswith("Checkout") else None,
                 )
+            if outage_task is not None:
+                await outage_task
             result = await td.flush()
             stats = td.stats
         elapsed = time.perf_counter() - started
@@ -74,6 +91,7 @@ async def _demo(count: int, fail_next: int) -> int:
         rows += [
             ("signals received", str(len(emulator.signals))),
             ("requests (batches) accepted", str(len(emulator.batches))),
+            ("requests refused (503)", str(sum(r.status == 503 for r in emulator.requests))),
             ("requests retried", str(stats.retried_requests)),
             ("signals dropped", str(stats.dropped_total)),
             ("time taken", f"{elapsed:.2f} s"),
@@ -152,6 +170,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--fail-next", type=int, default=3, help="503 answers to inject first, to show retries"
     )
+    demo.add_argument(
+        "--outage",
+        type=float,
+        default=1.0,
+        help="seconds of 503-only answers half-way through, to show backoff (1; 0: none)",
+    )
 
     send = commands.add_parser("send", help="send one signal; non-zero exit if not delivered")
     send.add_argument("type", help="the signal type, e.g. App.launched")
@@ -185,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "demo":
-            return asyncio.run(_demo(args.count, args.fail_next))
+            return asyncio.run(_demo(args.count, args.fail_next, args.outage))
         if args.command == "send":
             return asyncio.run(_send(args))
         if args.command == "spool":
