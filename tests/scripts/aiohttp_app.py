@@ -1,6 +1,6 @@
 """An aiohttp.web app using the integration, with a sub-application; run_app on a port-0 socket.
 
-argv: BASE_URL [SPOOL_DIR]. Prints LISTENING <port> once the socket is bound. With a spool,
+argv: BASE_URL [SPOOL_DIR]. Prints LISTENING <port> once the socket listens. With a spool,
 the close budget is short: the test's endpoint is down and the spool is where signals go.
 """
 
@@ -47,5 +47,8 @@ app.add_subapp("/shop", shop)
 
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
+# Listen before saying so: connections then wait in the backlog until run_app accepts them,
+# instead of being refused while the app is still starting.
+sock.listen(128)
 print("LISTENING", sock.getsockname()[1], flush=True)
 web.run_app(app, sock=sock, print=None, access_log=None)
