@@ -621,6 +621,9 @@ class TelemetryClient(Presets):
             # time, so waiting here beats dropping a burst. Bounded, never forever.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._batcher.space.wait(), self._config.request_timeout)
+        else:
+            # The overflow goes to the spool: keep pace with the disk, not past it.
+            await self._flusher.wait_for_overflow_room(self._config.request_timeout)
 
     def _validate_disabled(
         self,

@@ -99,7 +99,9 @@ class Flusher:
     _spool_opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     # Signals that overflowed the queue, encoded, waiting for one background spill.
-    _overflow: list[tuple[bytes, float]] = attrs.field(factory=list, init=False)
+    _overflow: deque[tuple[bytes, float]] = attrs.field(factory=deque, init=False)
+    # How many overflow signals the spool writer is storing right now (still in memory).
+    _overflow_writing: int = attrs.field(default=0, init=False)
     _overflow_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -120,7 +122,7 @@ class Flusher:
     @property
     def queue_depth(self) -> int:
         """Signals waiting in memory: the queue, and overflow waiting for the spool writer."""
-        return len(self.batcher) + len(self._overflow)
+        return len(self.batcher) + len(self._overflow) + self._overflow_writing
 
     @property
     def pending(self) -> int:
@@ -587,20 +589,39 @@ class Flusher:
             return
         # One background writer for all overflowing signals, not a task per signal.
         self._overflow.append((body, signal.received_at))
-        # Bounded: a burst from synchronous code can outrun the disk for a moment, not forever.
-        if len(self._overflow) > max(self.config.max_queue_size, _OVERFLOW_BUFFER):
-            old_body, old_at = self._overflow.pop(0)
+        # Bounded, the chunk being written included: a burst from synchronous code can outrun
+        # the disk for a moment, but memory stays capped however slow the disk is.
+        if len(self._overflow) + self._overflow_writing > _OVERFLOW_BUFFER:
+            old_body, old_at = self._overflow.popleft()
             self._drop(Batch([old_body], [old_at], -1), "queue_full")
         if self._overflow_task is None or self._overflow_task.done():
             self._overflow_task = asyncio.ensure_future(self._spill_overflow())
             self._background.add(self._overflow_task)
             self._overflow_task.add_done_callback(self._background.discard)
 
+    async def wait_for_overflow_room(self, timeout: float) -> None:
+        """For ``await signal()``: while the spool writer is behind, wait (bounded) for it.
+
+        Awaiting callers then slow down to the disk's pace instead of losing signals; callers
+        that cannot wait (``signal_nowait()``) drop the oldest overflow as ``queue_full``.
+        """
+        task = self._overflow_task
+        if task is None or task.done():
+            return
+        if len(self._overflow) + self._overflow_writing < _OVERFLOW_BUFFER:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+
     async def _spill_overflow(self) -> None:
         while self._overflow:
-            chunk, self._overflow = self._overflow, []
+            chunk, self._overflow = self._overflow, deque()
             batch = Batch([b for b, _ in chunk], [at for _, at in chunk], -1)
-            await self._spill_or_drop(batch, "queue_full")
+            self._overflow_writing = len(chunk)
+            try:
+                await self._spill_or_drop(batch, "queue_full")
+            finally:
+                self._overflow_writing = 0
 
     # ----------------------------------------------------------------------------- flush, close
 
@@ -659,7 +680,7 @@ class Flusher:
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
         if self._overflow:  # the disk was too slow for the close budget
-            chunk, self._overflow = self._overflow, []
+            chunk, self._overflow = self._overflow, deque()
             self._drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
         # The spool may still be opening (a very short-lived client): wait, then close it, so
         # its thread never outlives the client.
