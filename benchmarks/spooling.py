@@ -218,6 +218,9 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
         **common,
     )
     await td.start()
+    # The spool opens in the background; give it time, so the figure is the steady spill rate
+    # (a burst that starts before it is open loses more to the overflow buffer's bound).
+    await asyncio.sleep(0.5)
     probe = LoopProbe()
     with GcWatch() as gcw:
         probe.start()
