@@ -15,7 +15,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 
 from . import _lifecycle
@@ -37,6 +37,7 @@ from ._retry import RetryPolicy
 from ._signal import (
     SDK_KEY_PREFIX,
     PayloadValue,
+    SharedPayload,
     Signal,
     UserHasher,
     check_utf8,
@@ -58,6 +59,8 @@ __all__ = ["TelemetryClient"]
 
 # A disabled client validates calls but never hashes a real id or touches the default-user file.
 _DISABLED_USER: Final = "telemetrydeck-async-disabled"
+#: The own payload of a signal sent without one (shared: signals never mutate their payload).
+_NO_PAYLOAD: Final[Mapping[str, PayloadValue]] = MappingProxyType({})
 
 _C = TypeVar("_C", bound="TelemetryClient")
 
@@ -189,6 +192,11 @@ class TelemetryClient(Presets):
             prefix + key: value for key, value in config.default_payload.items()
         }
         self._default_payload.update(sdk_parameters(config.app_version))
+        # ...and encoded once: each signal then carries only its own keys, and the encoder
+        # writes this fragment in front of them. The caller's default keys are the only ones
+        # a call may override (SDK keys cannot be set by callers): such a call merges instead.
+        self._shared = SharedPayload.of(self._default_payload)
+        self._overridable = frozenset(prefix + key for key in config.default_payload)
         # None until a signal needs it: then read from (or created in) the default-user file.
         self._default_user: str | None = config.default_user
         if not self._enabled:
@@ -506,22 +514,23 @@ class TelemetryClient(Presets):
         if user is None:
             user = self._resolve_default_user()
         hashed = self._hash_user(user)
+        shared: SharedPayload | None = self._shared
+        own: Mapping[str, PayloadValue]
         if payload:
             own = normalize_payload(payload)
             if self._payload_prefix:
                 prefix = self._payload_prefix
-                merged = self._default_payload.copy()
-                for key, value in own.items():
-                    merged[prefix + key] = value
-            else:
-                merged = {**self._default_payload, **own}
+                own = {prefix + key: value for key, value in own.items()}
+            if self._overridable and not self._overridable.isdisjoint(own):
+                # The call overrides a default key: one merged dict, in the reference order.
+                own = {**self._default_payload, **own}
+                shared = None
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
-            # Signals never mutate their payload, so they can share the default one.
-            merged = self._default_payload
+            own = _NO_PAYLOAD
         if params:
-            merged = {**merged, **params}
+            own = {**own, **params}
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -535,7 +544,7 @@ class TelemetryClient(Presets):
         elif not session_id.isascii():
             check_utf8("session_id", session_id)
         signal = Signal(
-            signal_type, hashed, session_id, test_mode, merged, float_value, time.time()
+            signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
         )
         limit = self._config.max_batch_bytes - 2
         if signal.max_encoded_size() > limit:

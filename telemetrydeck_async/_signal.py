@@ -27,6 +27,7 @@ __all__ = [
     "RESERVED_KEYS",
     "SDK_KEY_PREFIX",
     "PayloadValue",
+    "SharedPayload",
     "Signal",
     "UserHasher",
     "check_utf8",
@@ -231,21 +232,47 @@ def validate_float_value(value: object) -> float:
 
 
 @attrs.frozen(slots=True)
+class SharedPayload:
+    """Payload keys every signal of a client carries (SDK parameters, ``default_payload``).
+
+    Encoded once per client, so each signal pays only for its own keys: ``fragment`` is the
+    JSON members of ``items`` without the braces, exactly as the encoder would write them.
+    """
+
+    items: Mapping[str, PayloadValue]
+    fragment: str
+
+    @classmethod
+    def of(cls, items: Mapping[str, PayloadValue]) -> SharedPayload:
+        """Encode ``items`` once."""
+        return cls(dict(items), _encode_object(dict(items))[1:-1])
+
+
+@attrs.frozen(slots=True)
 class Signal:
     """One validated signal, as it sits in the queue.
 
     ``client_user`` is already the hash; the raw user id never reaches this object.
     ``received_at`` is the Unix time at which ``signal()`` was called: it is formatted only when
     the batch is encoded, and stays the same across queueing, retries and the spool.
+    ``payload`` holds the signal's own keys; ``shared``, when set, the client's keys that come
+    first on the wire (none of them is repeated in ``payload``).
     """
 
     type: str
     client_user: str
     session_id: str
     test_mode: bool
-    payload: dict[str, PayloadValue]
+    payload: Mapping[str, PayloadValue]
     float_value: float | None
     received_at: float
+    shared: SharedPayload | None = None
+
+    def full_payload(self) -> Mapping[str, PayloadValue]:
+        """Every payload key the signal carries: the shared ones, then its own."""
+        if self.shared is None:
+            return self.payload
+        return {**self.shared.items, **self.payload}
 
     def to_json(self, app_id: str) -> dict[str, Any]:
         """The signal object exactly as the ingest API expects it."""
@@ -256,7 +283,7 @@ class Signal:
             "type": self.type,
             "isTestMode": self.test_mode,
             "receivedAt": format_received_at(self.received_at),
-            "payload": self.payload,
+            "payload": self.full_payload(),
         }
         if self.float_value is not None:
             obj["floatValue"] = self.float_value
@@ -267,7 +294,8 @@ class Signal:
         chars = len(self.type) + len(self.session_id)
         for key, value in self.payload.items():
             chars += len(key) + (len(value) if isinstance(value, str) else 24)
-        return _SIGNAL_OVERHEAD + 64 + chars * _MAX_BYTES_PER_CHAR + 3 * len(self.payload)
+        shared = 0 if self.shared is None else len(self.shared.fragment.encode())
+        return _SIGNAL_OVERHEAD + 64 + chars * _MAX_BYTES_PER_CHAR + 3 * len(self.payload) + shared
 
 
 #: The reference encoding: compact, no NaN, non-ASCII text as is (``json.dumps`` options).
@@ -302,6 +330,16 @@ def _make_object_encoder() -> Callable[[Any], str]:
 _encode_object: Final = _make_object_encoder()
 
 
+def _encode_payload(signal: Signal) -> str:
+    own = _encode_object(signal.payload)
+    shared = signal.shared
+    if shared is None or not shared.fragment:
+        return own
+    if own == "{}":
+        return "{" + shared.fragment + "}"
+    return "{" + shared.fragment + "," + own[1:]
+
+
 def encode_signal(signal: Signal, app_id: str) -> bytes:
     """Encode one signal as compact UTF-8 JSON (no NaN, no ASCII escaping of non-ASCII text).
 
@@ -333,7 +371,7 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
                     else ',"isTestMode":false,"receivedAt":"',
                     format_received_at(signal.received_at),
                     '","payload":',
-                    _encode_object(signal.payload),
+                    _encode_payload(signal),
                     "}"
                     if float_value is None
                     else f',"floatValue":{float.__repr__(float_value)}}}',

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetrydeck_async._signal import Signal, encode_signal, format_received_at
+from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
 
 
 def reference(signal: Signal, app_id: str) -> bytes:
@@ -41,7 +41,9 @@ signals = st.builds(
     payload=st.dictionaries(text, values, max_size=5),
     float_value=st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False)),
     received_at=st.floats(min_value=0, max_value=4e9),
-)
+    # The client's shared keys, encoded once; a signal never repeats them in its own payload.
+    shared=st.one_of(st.none(), st.dictionaries(text, values, max_size=4).map(SharedPayload.of)),
+).filter(lambda s: s.shared is None or s.shared.items.keys().isdisjoint(s.payload))
 
 
 @settings(max_examples=300, database=None)
