@@ -233,6 +233,9 @@ class Flusher:
             self._launch(batch)
             if self.endpoint_refusing:
                 return  # one probe at a time
+            # One batch cut and encoded per turn of the loop: the caller's coroutines run in
+            # between, so a burst never holds the loop for several batches' encoding.
+            await asyncio.sleep(0)
 
     def _launch(self, batch: Batch) -> None:
         """Start the delivery of ``batch``; the caller holds a slot, released when it ends."""
