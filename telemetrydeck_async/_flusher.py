@@ -82,9 +82,10 @@ class Flusher:
     accounting: Accounting
     #: The open spool once ``spool_dir`` is configured and the spool has opened; else None.
     spool: Spool | None = None
-    in_flight: int = 0
     _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    _deliveries: dict[asyncio.Task[None], Batch] = attrs.field(factory=dict, init=False)
+    # Each delivery task with the sub-batches it has not accounted yet (a 413 or 400 splits a
+    # batch): in-flight counts are read from here, so a signal is never counted twice.
+    _deliveries: dict[asyncio.Task[None], list[Batch]] = attrs.field(factory=dict, init=False)
     _slots: asyncio.Semaphore = attrs.field(init=False)
     _progress: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _interrupt: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
@@ -118,6 +119,11 @@ class Flusher:
     def parked(self) -> int:
         """Signals held in memory while the endpoint refuses the app ID or namespace."""
         return sum(len(b) for b in self._parked)
+
+    @property
+    def in_flight(self) -> int:
+        """Signals of this process in deliveries not yet accounted (backoff waits included)."""
+        return sum(len(b) for todo in self._deliveries.values() for b in todo if not b.recovered)
 
     @property
     def queue_depth(self) -> int:
@@ -239,10 +245,9 @@ class Flusher:
 
     def _launch(self, batch: Batch) -> None:
         """Start the delivery of ``batch``; the caller holds a slot, released when it ends."""
-        if not batch.recovered:  # recovered signals were never pending in this process
-            self.in_flight += len(batch)
-        task = asyncio.get_running_loop().create_task(self._deliver(batch))
-        self._deliveries[task] = batch
+        todo = [batch]
+        task = asyncio.get_running_loop().create_task(self._deliver(todo))
+        self._deliveries[task] = todo
         task.add_done_callback(self._delivery_done)
 
     def _next_batch(self) -> Batch | None:
@@ -251,9 +256,7 @@ class Flusher:
         return self.batcher.take()
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
-        batch = self._deliveries.pop(task, None)
-        if batch is not None and not batch.recovered:
-            self.in_flight -= len(batch)
+        self._deliveries.pop(task, None)
         self._slots.release()
         self._progress.set()
         self.batcher.wakeup.set()
@@ -262,11 +265,12 @@ class Flusher:
 
     # ----------------------------------------------------------------------------- delivery
 
-    async def _deliver(self, batch: Batch) -> None:
+    async def _deliver(self, todo: list[Batch]) -> None:
         deadline = time.monotonic() + self.config.retry.deadline
-        # Sub-batches not yet accounted, the next one last. A split replaces a batch by its
-        # halves, so a cancellation accounts exactly what is left, never a sent half again.
-        todo = [batch]
+        # ``todo``: sub-batches not yet accounted, the next one last. A split replaces a batch
+        # by its halves, so a cancellation accounts exactly what is left, never a sent half
+        # again. A batch is accounted and popped with no await in between: a reader of
+        # in_flight never sees it twice.
         try:
             while todo:
                 halves = await self._deliver_once(todo[-1], deadline)
@@ -276,6 +280,7 @@ class Flusher:
         except asyncio.CancelledError:
             for rest in todo:
                 self._abandon(rest)
+            todo.clear()
             raise
 
     def _abandon(self, batch: Batch) -> None:
@@ -633,7 +638,7 @@ class Flusher:
             return True  # nothing moves until a probe succeeds: report the rest as pending
         if self.batcher.taken_total < target and self.batcher:
             return False
-        return all(b.seq >= target for b in self._deliveries.values())
+        return all(b.seq >= target for todo in self._deliveries.values() for b in todo)
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
         """Send everything queued so far; return what was accounted for while waiting."""
@@ -711,13 +716,16 @@ class Flusher:
         batches = [
             # What is on disk already (written ahead, recovered) is adopted by the next run.
             batch.not_written()
-            for batch in [*self._parked, *self._deliveries.values(), *self.batcher.drain()]
+            for batch in [
+                *self._parked,
+                *(b for todo in self._deliveries.values() for b in todo),
+                *self.batcher.drain(),
+            ]
             if not batch.recovered
         ]
         batches = [batch for batch in batches if batch.bodies]
         self._parked.clear()
         self._deliveries.clear()
-        self.in_flight = 0
         return batches
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:
