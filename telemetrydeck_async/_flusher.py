@@ -68,6 +68,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 _RECOVERED_SEQ = 2**62
 #: Encoded signals that may wait in memory for the spool writer (beside the queue itself).
 _OVERFLOW_BUFFER = 10_000
+#: Overflowing signals written to the spool per transaction.
+_SPILL_CHUNK = 1_000
 #: A spool owner renews its lease this often while idle (the spool's lease is 30 s).
 _HEARTBEAT_INTERVAL = 10.0
 
@@ -622,8 +624,10 @@ class Flusher:
             await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def _spill_overflow(self) -> None:
-        while self._overflow:
-            chunk, self._overflow = self._overflow, deque()
+        overflow = self._overflow
+        while overflow:
+            # A bounded chunk per write: building its records runs on the loop.
+            chunk = [overflow.popleft() for _ in range(min(len(overflow), _SPILL_CHUNK))]
             batch = Batch([b for b, _ in chunk], [at for _, at in chunk], -1)
             self._overflow_writing = len(chunk)
             try:
