@@ -18,6 +18,7 @@ for your own types.
 
 from __future__ import annotations
 
+import abc
 import functools
 import inspect
 import logging
@@ -143,7 +144,7 @@ def _purchase_params(
     return params
 
 
-class Presets:
+class Presets(abc.ABC):
     """The preset methods of :class:`~telemetrydeck_async.TelemetryClient`.
 
     Each sends one signal with an exact TelemetryDeck name. All accept the same keyword
@@ -152,7 +153,8 @@ class Presets:
     """
 
     # Provided by TelemetryClient: the paths of signal() and signal_nowait() that let a preset
-    # use its reserved type and keys. Declared here so this module type-checks on its own.
+    # use its reserved type and keys. Abstract here so this module type-checks on its own.
+    @abc.abstractmethod
     async def _emit(
         self,
         signal_type: str,
@@ -164,8 +166,9 @@ class Presets:
         float_value: float | None = None,
         test_mode: bool | None = None,
     ) -> None:
-        raise NotImplementedError
+        """Queue a preset's signal like ``signal()`` (``params``: its TelemetryDeck keys)."""
 
+    @abc.abstractmethod
     def _emit_nowait(
         self,
         signal_type: str,
@@ -177,10 +180,11 @@ class Presets:
         float_value: float | None = None,
         test_mode: bool | None = None,
     ) -> None:
-        raise NotImplementedError
+        """Queue a preset's signal like ``signal_nowait()``."""
 
+    @abc.abstractmethod
     def _nowait_ready(self) -> bool:
-        raise NotImplementedError
+        """True when a synchronous preset may queue now (a running loop, an open client)."""
 
     # ----------------------------------------------------------------------------- duration
 
