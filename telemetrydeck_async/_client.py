@@ -59,6 +59,8 @@ __all__ = ["TelemetryClient"]
 
 # A disabled client validates calls but never hashes a real id or touches the default-user file.
 _DISABLED_USER: Final = "telemetrydeck-async-disabled"
+#: How long start() waits for the spool to open before it lets the client run without it.
+_SPOOL_OPEN_WAIT: Final = 5.0
 #: The own payload of a signal sent without one (shared: signals never mutate their payload).
 _NO_PAYLOAD: Final[Mapping[str, PayloadValue]] = MappingProxyType({})
 
@@ -316,10 +318,12 @@ class TelemetryClient(Presets):
     async def start(self) -> None:
         """Bind the client to the running loop and start its flusher (``async with`` does it).
 
-        A disabled client starts nothing.
+        With ``spool_dir`` it also waits (a few seconds at most) for the spool to open, so the
+        first signals that need the disk never wait for it. A disabled client starts nothing.
         """
         if self._enabled:
             self._bind_loop()
+            await self._flusher.spool_ready(_SPOOL_OPEN_WAIT)
 
     def _bind_loop(self) -> None:
         if self._closed:

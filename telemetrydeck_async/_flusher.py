@@ -499,6 +499,13 @@ class Flusher:
         await self._read_spool_figures(spool)
         return spool
 
+    async def spool_ready(self, timeout: float) -> None:
+        """Wait (bounded) until the spool has opened, or failed to; no-op without a spool."""
+        opening = self._spool_opening
+        if opening is not None and not opening.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(opening), timeout)
+
     async def _usable_spool(self) -> Spool | None:
         """The spool once it has opened, or None (not configured, failed, disabled, closed)."""
         opening = self._spool_opening
