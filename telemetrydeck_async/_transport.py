@@ -99,8 +99,6 @@ class Transport:
                     "Content-Type": "application/json; charset=utf-8",
                     "User-Agent": USER_AGENT,
                 },
-                # We never follow redirects for a POST of telemetry: a redirect is a wrong URL.
-                auto_decompress=True,
             )
             self._session = session
         return session
@@ -109,6 +107,8 @@ class Transport:
         """POST one JSON-array body; return on 2xx, raise a ``DeliveryError`` otherwise."""
         session = self._open()
         try:
+            # No redirects for a POST of telemetry: a redirect means a wrong base_url, and
+            # following it would resend the body somewhere unexpected.
             async with session.post(self.url, data=body, allow_redirects=False) as response:
                 if 200 <= response.status < 300:
                     return
