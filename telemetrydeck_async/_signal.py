@@ -154,7 +154,7 @@ def _normalize_value(key: str, value: object) -> PayloadValue | None:
         return _normalize_value(key, str.__str__(value))
     if isinstance(value, numbers.Integral):  # int subclasses, numpy integers
         return _normalize_value(key, int(value))
-    if isinstance(value, numbers.Real):  # float subclasses, numpy floats, Decimal-likes
+    if isinstance(value, numbers.Real):  # floats, numpy floats, Fraction (not Decimal)
         try:
             as_float = float(value)
         except OverflowError:  # e.g. a Fraction too large for a float
