@@ -618,15 +618,57 @@ class TelemetryClient(Presets):
             float_value: a finite number, sent as the top-level ``floatValue``.
             test_mode: overrides the client's ``test_mode`` for this signal.
         """
+        signal = self._prepare(
+            signal_type, client_user, session_id, payload, float_value, test_mode
+        )
+        if signal is not None:
+            await self._submit(signal)
+
+    def _prepare(
+        self,
+        signal_type: str,
+        client_user: str | None,
+        session_id: str | None,
+        payload: Mapping[str, Any] | None,
+        float_value: float | None,
+        test_mode: bool | None,
+        params: dict[str, PayloadValue] | None = None,
+    ) -> Signal | None:
+        """The checks of an awaiting call on the loop: the signal, or None (disabled client)."""
         if self._loop is not asyncio.get_running_loop() or self._closed:
             if not self._enabled:
                 self._validate_disabled(
-                    signal_type, client_user, session_id, payload, float_value, test_mode
+                    signal_type, client_user, session_id, payload, float_value, test_mode, params
                 )
-                return
+                return None
             self._bind_loop()
-        signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
-        await self._submit(signal)
+        return self._build(
+            signal_type, client_user, session_id, payload, float_value, test_mode, params
+        )
+
+    def _prepare_nowait(
+        self,
+        signal_type: str,
+        client_user: str | None,
+        session_id: str | None,
+        payload: Mapping[str, Any] | None,
+        float_value: float | None,
+        test_mode: bool | None,
+        params: dict[str, PayloadValue] | None = None,
+    ) -> Signal | None:
+        """The checks of a synchronous call on the loop: the signal, or None (disabled)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if (loop is None or loop is not self._loop or self._closed) and not self._nowait_ready():
+            self._validate_disabled(
+                signal_type, client_user, session_id, payload, float_value, test_mode, params
+            )
+            return None
+        return self._build(
+            signal_type, client_user, session_id, payload, float_value, test_mode, params
+        )
 
     async def _wait_for_room(self) -> None:
         if self._flusher.healthy:
@@ -671,18 +713,11 @@ class TelemetryClient(Presets):
         other thread it raises ``WrongEventLoopError`` (use :meth:`signal_threadsafe`), so a
         signal is always queued, spooled or dropped by the time this returns.
         """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if (loop is None or loop is not self._loop or self._closed) and not self._nowait_ready():
-            self._validate_disabled(
-                signal_type, client_user, session_id, payload, float_value, test_mode
-            )
-            return
-        self._enqueue(
-            self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
+        signal = self._prepare_nowait(
+            signal_type, client_user, session_id, payload, float_value, test_mode
         )
+        if signal is not None:
+            self._enqueue(signal)
 
     def _nowait_ready(self) -> bool:
         """Bind to the running loop for a synchronous call; False for a disabled client.
@@ -779,17 +814,11 @@ class TelemetryClient(Presets):
         test_mode: bool | None = None,
     ) -> None:
         """``signal()`` for presets: ``params`` are their validated ``TelemetryDeck.`` keys."""
-        if self._loop is not asyncio.get_running_loop() or self._closed:
-            if not self._enabled:
-                self._validate_disabled(
-                    signal_type, client_user, session_id, payload, float_value, test_mode, params
-                )
-                return
-            self._bind_loop()
-        signal = self._build(
+        signal = self._prepare(
             signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
-        await self._submit(signal)
+        if signal is not None:
+            await self._submit(signal)
 
     def _emit_nowait(
         self,
@@ -803,13 +832,8 @@ class TelemetryClient(Presets):
         test_mode: bool | None = None,
     ) -> None:
         """``signal_nowait()`` for presets (the duration timer's exit)."""
-        if not self._nowait_ready():
-            self._validate_disabled(
-                signal_type, client_user, session_id, payload, float_value, test_mode, params
-            )
-            return
-        self._enqueue(
-            self._build(
-                signal_type, client_user, session_id, payload, float_value, test_mode, params
-            )
+        signal = self._prepare_nowait(
+            signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
+        if signal is not None:
+            self._enqueue(signal)
