@@ -114,6 +114,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 import attrs
 
+from ._stats import RateLimitedLog
 from .exceptions import ConfigurationError, SpoolError
 
 try:  # POSIX only; elsewhere the open-time lock is skipped (SQLite's own locking still applies)
@@ -436,32 +437,22 @@ def _directory_lock(path: Path) -> Iterator[None]:
 
 
 class _Reporter:
-    """Logs each kind of spool problem at most once per ``_LOG_INTERVAL`` seconds."""
+    """Logs each kind of spool problem at most once a minute (``RateLimitedLog``), and once
+    when writes succeed again."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
+        self._log = RateLimitedLog(interval=_LOG_INTERVAL)
         self._failing = False
 
     def problem(
         self, key: str, level: int, msg: str, *args: object, exc: BaseException | None = None
     ) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._failing = True
-            last = self._last.get(key)
-            quiet = last is not None and now - last < _LOG_INTERVAL
-            if not quiet:
-                self._last[key] = now
-        if quiet:
-            _log.debug(msg, *args)
-        else:
-            _log.log(level, msg, *args, exc_info=exc)
+        self._failing = True
+        self._log.log(level, key, msg, *args, exc_info=exc)
 
     def success(self, path: Path) -> None:
-        if self._failing:  # read without the lock: a stale answer only delays one INFO line
-            with self._lock:
-                self._failing = False
+        if self._failing:  # a stale read in another thread only delays one INFO line
+            self._failing = False
             _log.info("spool %s: writes succeed again", path)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -145,13 +146,15 @@ class FlushResult:
 class RateLimitedLog:
     """Logs the same warning at most once per ``interval`` seconds, counting what it held back.
 
-    Keyed by a short reason, so a flood of one problem cannot drown out another.
+    Keyed by a short reason, so a flood of one problem cannot drown out another. Safe to call
+    from several threads (the spool's thread reports through one too).
     """
 
     interval: float = 60.0
     _last: dict[str, float] = attrs.field(factory=dict)
     _suppressed: Counter[str] = attrs.field(factory=Counter)
     _clock: Callable[[], float] = time.monotonic
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     def log(
         self,
@@ -163,12 +166,13 @@ class RateLimitedLog:
     ) -> None:
         """Log ``msg % args`` unless ``key`` was logged within the interval."""
         now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] += 1
-            return
-        self._last[key] = now
-        held = self._suppressed.pop(key, 0)
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._suppressed[key] += 1
+                return
+            self._last[key] = now
+            held = self._suppressed.pop(key, 0)
         if held:
             msg += " (%d similar messages suppressed in the last %.0f s)"
             args = (*args, held, self.interval)
