@@ -14,6 +14,7 @@ from ._config import DEFAULT_BASE_URL, ClientConfig
 from ._presets import Duration, ErrorCategory, PurchaseType
 from ._retry import RetryPolicy
 from ._stats import DROP_REASONS, FlushResult, LastError, Stats
+from ._sync import SyncTelemetryClient
 from ._version import __version__
 from .exceptions import (
     AuthenticationError,
@@ -54,6 +55,7 @@ __all__ = [
     "RetryableStatusError",
     "SpoolError",
     "Stats",
+    "SyncTelemetryClient",
     "TelemetryClient",
     "TelemetryDeckError",
     "TransportError",

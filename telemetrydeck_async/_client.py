@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
+import math
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 from . import _lifecycle
 from ._batcher import Batcher
@@ -65,6 +68,8 @@ _SPOOL_OPEN_WAIT: Final = 5.0
 _NO_PAYLOAD: Final[Mapping[str, PayloadValue]] = MappingProxyType({})
 
 _C = TypeVar("_C", bound="TelemetryClient")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class TelemetryClient(Presets):
@@ -343,13 +348,43 @@ class TelemetryClient(Presets):
         """Send everything queued so far and return what was accounted for meanwhile.
 
         Waits until every signal queued before the call is sent, spooled or dropped, or
-        until ``timeout`` seconds pass (None: no limit; delivery itself is bounded by the
-        retry deadline). Never raises for delivery errors: read the result or ``stats``.
+        until ``timeout`` seconds pass: by default ``close_timeout`` (10 s), so a short job
+        never waits out the retry deadline for an unreachable endpoint; ``math.inf`` waits
+        as long as delivery takes. What is not sent in time stays queued (or spooled) and
+        is counted in the result's ``pending``. Never raises for delivery errors.
         """
         if not self._enabled:
             return FlushResult(sent=0, spooled=0, dropped={}, pending=0)
         self._bind_loop()
-        return await self._flusher.flush(timeout)
+        if timeout is None:
+            timeout = self._config.close_timeout
+        return await self._flusher.flush(None if math.isinf(timeout) else timeout)
+
+    def flush_after(
+        self, handler: Callable[_P, Awaitable[_R]]
+    ) -> Callable[_P, Coroutine[Any, Any, _R]]:
+        """Decorate an async handler to ``flush()`` (bounded) after every invocation.
+
+        For AWS Lambda and similar platforms that freeze a warm process between
+        invocations: what the invocation queued is sent before it returns (or stays
+        queued/spooled past ``close_timeout``). Sync handlers: use
+        ``SyncTelemetryClient.flush_after``.
+        """
+        if not inspect.iscoroutinefunction(handler):
+            raise ConfigurationError(
+                "handler",
+                "TelemetryClient.flush_after needs an async function; for a "
+                "synchronous handler use SyncTelemetryClient.flush_after",
+            )
+
+        @functools.wraps(handler)
+        async def flushed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return await handler(*args, **kwargs)
+            finally:
+                await self.flush()
+
+        return flushed
 
     async def new_session(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -74,3 +74,46 @@ async def make_client(emulator: IngestEmulator) -> AsyncIterator[ClientFactory]:
     yield factory
     for client in clients:
         await client.aclose(timeout=5)
+
+
+class ThreadedEmulator:
+    """An :class:`IngestEmulator` on its own loop in a thread, for synchronous tests.
+
+    A test that blocks (a ``SyncTelemetryClient`` flushing, a subprocess waited for) cannot
+    share its loop with the server it waits on; this one runs beside it.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.emu = IngestEmulator(host="127.0.0.1", port=0)
+        self.call(self.emu.start())
+
+    def call(self, coro: Any) -> Any:
+        """Run ``coro`` on the emulator's loop and return its result (bounded)."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def wait_for_signals(self, n: int, timeout: float = 60.0) -> bool:
+        """Wait until ``n`` signals were accepted; False after ``timeout`` s."""
+        return bool(self.call(self.emu.wait_for_signals(n, timeout)))
+
+    def stop(self) -> None:
+        """Stop the server and its loop."""
+        self.call(self.emu.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def threaded_emulator() -> Iterator[ThreadedEmulator]:
+    """A running emulator on 127.0.0.1:0 served from its own thread."""
+    server = ThreadedEmulator()
+    yield server
+    server.stop()
