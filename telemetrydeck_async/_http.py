@@ -1,4 +1,4 @@
-"""The request signal shared by the web integrations (``starlette.py``, ``aiohttp_web.py``).
+"""The request signal shared by the web integrations (Starlette, aiohttp, Django, WSGI).
 
 One signal per finished HTTP request, when the app opts in with a middleware:
 
@@ -27,6 +27,7 @@ import attrs
 from ._client import TelemetryClient
 from ._signal import validate_type
 from ._stats import RateLimitedLog
+from ._sync import SyncTelemetryClient
 
 __all__ = [
     "DEFAULT_REQUEST_SIGNAL",
@@ -103,7 +104,12 @@ class RequestSignals:
             self.warn("filter", "the request signal filter raised; skipping the signal", exc)
             return False
 
-    def send(self, client: TelemetryClient | None, info: RequestInfo, user: str | None) -> None:
+    def send(
+        self,
+        client: TelemetryClient | SyncTelemetryClient | None,
+        info: RequestInfo,
+        user: str | None,
+    ) -> None:
         """Queue the signal for ``info`` on ``client`` (no I/O, never raises)."""
         if client is None:
             self.warn(
@@ -112,8 +118,10 @@ class RequestSignals:
                 "lifespan/cleanup_ctx helper, or pass client=",
             )
             return
+        # On the loop thread the async client queues directly; the sync one hands over.
+        emit = client.signal if isinstance(client, SyncTelemetryClient) else client.signal_nowait
         try:
-            client.signal_nowait(
+            emit(
                 self.signal_type,
                 client_user=user,
                 payload={

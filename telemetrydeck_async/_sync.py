@@ -300,6 +300,10 @@ class SyncTelemetryClient:
         log.debug("SyncTelemetryClient started its loop thread in process %d", self._pid)
         _finalize_with_multiprocessing(self)
 
+    def _may_wait(self) -> bool:
+        """Whether the next signal() may wait: a first use here, or a write-ahead to disk."""
+        return self._pid != os.getpid() or self._write_ahead or self.closed
+
     def _after_fork_in_child(self) -> None:
         """In a forked child: the loop thread did not come along; start anew on first use."""
         # Another thread may have held the lock at fork time: never wait on it here.
