@@ -24,9 +24,9 @@ settings.configure(
 )
 django.setup()
 
-from django.core.wsgi import get_wsgi_application
+from django.core.wsgi import get_wsgi_application  # noqa: E402  # after setup()
 
-from telemetrydeck_async.django import get_telemetry
+from telemetrydeck_async.django import get_telemetry  # noqa: E402
 
 
 def hello(request: HttpRequest, name: str) -> HttpResponse:
