@@ -25,8 +25,9 @@ from ._common import HERE, Row, Sink, fmt, machine
 from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
 from .memory import memory
 from .spooling import spool_figures
+from .sync import sync_caller_cost
 
-FIGURES = ("caller", "throughput", "stall", "memory", "burst", "spool", "shutdown")
+FIGURES = ("caller", "throughput", "stall", "memory", "burst", "spool", "shutdown", "sync")
 
 
 def table(rows: list[Row]) -> str:
@@ -69,6 +70,7 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
             "burst": with_sink(burst),
             "spool": with_sink(lambda s, sink: spool_figures(s.spool_n, sink)),
             "shutdown": with_sink(shutdown),
+            "sync": with_sink(sync_caller_cost),
         }
         for name in FIGURES:
             if name not in only:

@@ -24,6 +24,7 @@ facade owns in one daemon thread, started on first use:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import inspect
@@ -43,7 +44,7 @@ from ._client import TelemetryClient
 from ._config import DEFAULT_BASE_URL, ClientConfig, Durability, OnDrop, OnError
 from ._presets import SESSION_STARTED, Duration, Presets
 from ._retry import RetryPolicy
-from ._signal import PayloadValue
+from ._signal import PayloadValue, Signal
 from ._stats import FlushResult, Stats
 from .exceptions import ClientClosedError, InvalidSignalError, WrongEventLoopError
 
@@ -221,6 +222,9 @@ class SyncTelemetryClient:
         self._pid = -1
         self._closed = False
         self._close_result: FlushResult | None = None
+        #: Signals built in callers' threads, waiting for the loop (see _hand_over).
+        self._inbox: collections.deque[Signal] = collections.deque()
+        self._drain_scheduled = False
         config = self._client.config
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
         _facades.add(self)
@@ -311,6 +315,9 @@ class SyncTelemetryClient:
         _lifecycle.keep_inherited(self._loop, self._thread)
         self._loop = self._thread = None
         self._pid = -1
+        # The parent's hand-overs are the parent's to send.
+        self._inbox = collections.deque()
+        self._drain_scheduled = False
 
     def _call(self, coro: Coroutine[Any, Any, _T], wait: float | None) -> _T:
         """Run ``coro`` on the loop and wait for it (at most ``wait`` seconds)."""
@@ -375,7 +382,32 @@ class SyncTelemetryClient:
                 # Still being written, and counted: the caller is not held any longer.
                 log.warning("a signal was not on disk within %g s; not waiting longer", wait)
             return
-        client._enqueue_anywhere(signal)
+        if threading.current_thread() is self._thread:
+            client._enqueue_anywhere(signal)  # a callback on the loop: queue directly
+            return
+        # Hand over through an inbox that the loop drains: one wake-up of the loop (a
+        # syscall, and the loop thread competing for the GIL) per burst, not per signal.
+        # deque.append is atomic; the flag is set before the drain is scheduled and cleared
+        # by the drain before it reads the inbox, so no signal is ever left behind.
+        self._inbox.append(signal)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed
+                raise ClientClosedError(
+                    "this SyncTelemetryClient's event loop has ended; the signal was not queued"
+                ) from None
+
+    def _drain(self) -> None:
+        """On the loop: queue everything handed over (counted as dropped once closed)."""
+        self._drain_scheduled = False
+        inbox, take = self._inbox, self._inbox.popleft
+        enqueue = self._client._enqueue_handed_over
+        while inbox:
+            enqueue(take())
 
     error = _sync_preset(Presets.error)
     navigation = _sync_preset(Presets.navigation)
