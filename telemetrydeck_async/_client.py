@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
@@ -348,17 +349,36 @@ class TelemetryClient(Presets):
         """Send everything queued so far and return what was accounted for meanwhile.
 
         Waits until every signal queued before the call is sent, spooled or dropped, or
-        until ``timeout`` seconds pass: by default ``close_timeout`` (10 s), so a short job
-        never waits out the retry deadline for an unreachable endpoint; ``math.inf`` waits
-        as long as delivery takes. What is not sent in time stays queued (or spooled) and
-        is counted in the result's ``pending``. Never raises for delivery errors.
+        until ``timeout`` seconds pass (``math.inf``: as long as delivery takes). Without a
+        timeout it waits while signals keep moving and returns once nothing was sent,
+        spooled or dropped for ``close_timeout`` seconds (10 s): a slow but healthy endpoint
+        is drained, and a short job never waits out the retry deadline (120 s) for an
+        unreachable one. What is not sent stays queued (or spooled) and is counted in the
+        result's ``pending``. Never raises for delivery errors.
         """
         if not self._enabled:
             return FlushResult(sent=0, spooled=0, dropped={}, pending=0)
         self._bind_loop()
         if timeout is None:
-            timeout = self._config.close_timeout
+            return await self._flush_while_moving(self._config.close_timeout)
         return await self._flusher.flush(None if math.isinf(timeout) else timeout)
+
+    async def _flush_while_moving(self, quiet: float) -> FlushResult:
+        """flush() by default: rounds of ``quiet`` seconds, until one moves nothing."""
+        flusher = self._flusher
+        target = flusher.batcher.put_total  # only what was queued before the call
+        sent = spooled = 0
+        dropped: Counter[str] = Counter()
+        while True:
+            result = await flusher.flush(quiet)
+            sent += result.sent
+            spooled += result.spooled
+            dropped.update(result.dropped)
+            moved = result.sent or result.spooled or result.dropped
+            if not result.pending or not moved or flusher._flushed(target):
+                return FlushResult(
+                    sent=sent, spooled=spooled, dropped=dict(dropped), pending=result.pending
+                )
 
     def flush_after(
         self, handler: Callable[_P, Awaitable[_R]]

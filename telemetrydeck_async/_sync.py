@@ -467,19 +467,23 @@ class SyncTelemetryClient:
     # ----------------------------------------------------------------------------- flush, close
 
     def flush(self, timeout: float | None = None) -> FlushResult:
-        """Send what is queued so far; wait at most ``timeout`` seconds (default ``close_timeout``).
+        """Send what is queued so far, waiting at most ``timeout`` seconds.
 
-        What is not sent in time stays queued (or spooled) and is counted in the result's
-        ``pending``; it is sent later, or at the close. Never raises for delivery errors.
+        Without a timeout, as :meth:`TelemetryClient.flush
+        <telemetrydeck_async.TelemetryClient.flush>`: it waits while signals keep moving and
+        returns once nothing moved for ``close_timeout`` seconds. What is not sent stays
+        queued (or spooled) and is counted in the result's ``pending``; it is sent later, or
+        at the close. Never raises for delivery errors.
         Starts the client when it was not yet used in this process, so a spool left by an
         earlier run starts being sent.
         """
         if self.closed or self._running() is None:
             # Closed (the close accounted for everything), or disabled: nothing to send.
             return FlushResult(sent=0, spooled=0, dropped={}, pending=0)
-        bound = self._client.config.close_timeout if timeout is None else timeout
+        # Without a timeout the async flush bounds itself (close_timeout without progress).
+        wait = None if timeout is None else _wait_bound(timeout)
         try:
-            return self._call(self._client.flush(bound), _wait_bound(bound))
+            return self._call(self._client.flush(timeout), wait)
         except concurrent.futures.TimeoutError:
             return FlushResult(sent=0, spooled=0, dropped={}, pending=self.stats.pending)
 

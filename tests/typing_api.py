@@ -133,6 +133,25 @@ async def misuse(td: TelemetryClient) -> None:
     td.stats.sent = 0  # type: ignore[misc]  # Stats is a frozen snapshot
 
 
+def use_sync_client(base_url: str) -> FlushResult:
+    """The synchronous client, as a Django view, a script or a Lambda handler uses it."""
+    with telemetrydeck_async.SyncTelemetryClient("APP-ID", base_url=base_url) as td:
+        assert_type(td.signal("App.Job.done", payload={"Job.rows": 3}), None)
+        assert_type(td.error(ValueError("x"), category="app-state"), None)
+        assert_type(td.purchase_completed(9.99, purchase_type="subscription"), None)
+        assert_type(td.new_session(), str)
+        with td.duration("App.Job.timed"):
+            pass
+
+        @td.flush_after
+        def handler(event: dict[str, str], context: object) -> int:
+            return len(event)
+
+        assert_type(handler({}, None), int)
+        td.navigation("/a", 3)  # type: ignore[arg-type]
+        return td.flush(timeout=1.0)
+
+
 async def main(base_url: str) -> int:
     """Run the typed usage against ``base_url``; return how many signals were sent."""
     assert_type(telemetrydeck_async.__version__, str)
