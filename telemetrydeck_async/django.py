@@ -24,8 +24,9 @@
   the Starlette middleware (see :mod:`telemetrydeck_async._http`); the route is the URL
   pattern (``/items/<int:pk>/``), never the raw path. It is sync and async capable; under ASGI
   it never blocks the event loop. Optional settings: ``TELEMETRYDECK_REQUEST_SIGNAL`` (the
-  signal type) and ``TELEMETRYDECK_REQUEST_FILTER`` (a ``filter(info) -> bool`` callable, or
-  its dotted path).
+  signal type), ``TELEMETRYDECK_REQUEST_FILTER`` (a ``filter(info) -> bool`` callable, or
+  its dotted path) and ``TELEMETRYDECK_REQUEST_USER`` (``user(request) -> str | None``, the
+  user id of a request, hashed like any other; default: the client's default user).
 """
 
 from __future__ import annotations
@@ -84,14 +85,13 @@ def get_telemetry() -> SyncTelemetryClient:
         return _client
 
 
-def _request_filter() -> Callable[[RequestInfo], bool] | None:
-    found = getattr(settings, "TELEMETRYDECK_REQUEST_FILTER", None)
+def _hook(name: str, shape: str) -> Callable[..., Any] | None:
+    """An optional callable setting, given as the callable or its dotted path."""
+    found = getattr(settings, name, None)
     if isinstance(found, str):
         found = import_string(found)
     if found is not None and not callable(found):
-        raise ConfigurationError(
-            "TELEMETRYDECK_REQUEST_FILTER", "must be a callable filter(info) -> bool or its path"
-        )
+        raise ConfigurationError(name, f"must be a callable {shape} or its dotted path")
     return found
 
 
@@ -110,8 +110,9 @@ class TelemetryMiddleware:
         self.get_response = get_response
         self._signals = RequestSignals(
             getattr(settings, "TELEMETRYDECK_REQUEST_SIGNAL", DEFAULT_REQUEST_SIGNAL),
-            _request_filter(),
+            _hook("TELEMETRYDECK_REQUEST_FILTER", "filter(info) -> bool"),
         )
+        self._client_user = _hook("TELEMETRYDECK_REQUEST_USER", "user(request) -> str | None")
         self._async = iscoroutinefunction(get_response)
         if self._async:
             markcoroutinefunction(self)
@@ -167,4 +168,10 @@ class TelemetryMiddleware:
         except Exception as exc:
             self._signals.warn("config", "telemetry is not configured", exc)
             return
-        self._signals.send(client, info, None)
+        user = None
+        if self._client_user is not None:
+            try:
+                user = self._client_user(request)
+            except Exception as exc:
+                self._signals.warn("user", "the client_user hook raised; using the default", exc)
+        self._signals.send(client, info, user)

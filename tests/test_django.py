@@ -197,3 +197,34 @@ def test_without_the_setting_the_environment_configures_the_client(
     assert td.config.app_id == "env-app"
     assert get_telemetry() is td
     settings.TELEMETRYDECK = {}
+
+
+def test_request_filter_and_user_settings_are_used(
+    project: ThreadedEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TELEMETRYDECK_REQUEST_FILTER skips requests; TELEMETRYDECK_REQUEST_USER names the user."""
+    from django.conf import settings
+    from django.test import Client
+
+    from telemetrydeck_async.django import TelemetryMiddleware, get_telemetry
+
+    from .conftest import sha256_hex
+
+    monkeypatch.setattr(
+        settings,
+        "TELEMETRYDECK_REQUEST_FILTER",
+        lambda info: info.path != "/async/skip/",
+        raising=False,
+    )
+    monkeypatch.setattr(
+        settings, "TELEMETRYDECK_REQUEST_USER", lambda request: "user-9", raising=False
+    )
+    client = Client()
+    client.get("/async/skip/")
+    client.get("/async/kept/")
+    get_telemetry().flush()
+    (sent,) = project.emu.signals
+    assert sent["clientUser"] == sha256_hex("user-9")
+    monkeypatch.setattr(settings, "TELEMETRYDECK_REQUEST_USER", 42, raising=False)
+    with pytest.raises(ConfigurationError, match="TELEMETRYDECK_REQUEST_USER"):
+        TelemetryMiddleware(lambda request: None)
