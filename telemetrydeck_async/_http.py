@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 import attrs
 
@@ -40,6 +40,8 @@ __all__ = [
     "RequestSignals",
     "status_class",
 ]
+
+_T = TypeVar("_T")
 
 #: The default type of the per-request signal.
 DEFAULT_REQUEST_SIGNAL: Final = "HTTP.Request.completed"
@@ -133,6 +135,16 @@ class RequestSignals:
             )
         except Exception as exc:
             self.warn("signal", "could not queue the request signal", exc)
+
+    def user_of(self, hook: Callable[[_T], str | None] | None, request: _T) -> str | None:
+        """The user id ``hook`` gives for ``request``; None without a hook or when it raises."""
+        if hook is None:
+            return None
+        try:
+            return hook(request)
+        except Exception as exc:
+            self.warn("user", "the client_user hook raised; using the default", exc)
+            return None
 
     def warn(self, key: str, msg: str, exc: BaseException | None = None) -> None:
         """Log a WARNING about the request signal, at most once a minute per ``key``."""

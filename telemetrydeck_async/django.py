@@ -168,10 +168,4 @@ class TelemetryMiddleware:
         except Exception as exc:
             self._signals.warn("config", "telemetry is not configured", exc)
             return
-        user = None
-        if self._client_user is not None:
-            try:
-                user = self._client_user(request)
-            except Exception as exc:
-                self._signals.warn("user", "the client_user hook raised; using the default", exc)
-        self._signals.send(client, info, user)
+        self._signals.send(client, info, self._signals.user_of(self._client_user, request))

@@ -144,13 +144,7 @@ class TelemetryMiddleware:
         )
         if not self._signals.wanted(info):
             return
-        user = None
-        if self._client_user is not None:
-            try:
-                user = self._client_user(environ)
-            except Exception as exc:
-                self._signals.warn("user", "the client_user hook raised; using the default", exc)
-        self._signals.send(self._client, info, user)
+        self._signals.send(self._client, info, self._signals.user_of(self._client_user, environ))
 
 
 class _Body:
