@@ -587,12 +587,15 @@ class Flusher:
         """Spooled signals go out while the endpoint works, or as the probe once it failed.
 
         After a failure, one recovered batch at a time tests the endpoint (with the usual
-        backoff) once nothing else is in flight; a success resumes the full pace.
+        backoff) once nothing else is in flight; a success resumes the full pace. While the
+        endpoint refuses the configuration (401/403/404, 3xx), one recovered batch is the
+        probe every ``auth_probe_interval``: with everything spooled, nothing else would ask.
         """
+        refused = self._auth_failed_at is not None
         return (
             self.running
             and not self._stopping
-            and self._auth_failed_at is None
+            and (not refused or (self._probe_due() and not self._deliveries))
             and self._pause_until <= time.monotonic()
             and (not self._failing or not self._deliveries)
         )

@@ -1,7 +1,7 @@
 """Shared fixtures: a real ingest emulator on 127.0.0.1:0 and clients pointed at it.
 
 Every test is also an accounting test: each client it creates (any subclass too) must balance
-its books when the test ends (``_books_balance``), and ``books_watch`` checks them at every
+its books when the test ends (``tracked_clients``), and ``books_watch`` checks them at every
 turn of the event loop while a test runs.
 """
 
@@ -59,7 +59,7 @@ def balanced(stats: Stats) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _books_balance(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TelemetryClient]]:
+def tracked_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TelemetryClient]]:
     """Every client the test creates balances its books once the test is over.
 
     Clients are caught where each one registers with the lifecycle hooks (its ``__init__``
@@ -81,7 +81,7 @@ def _books_balance(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TelemetryCl
 
 
 @pytest.fixture
-async def books_watch(_books_balance: list[TelemetryClient]) -> AsyncIterator[list[Stats]]:
+async def books_watch(tracked_clients: list[TelemetryClient]) -> AsyncIterator[list[Stats]]:
     """Check every client's books at each turn of the event loop while the test runs.
 
     A task that yields with ``sleep(0)`` runs once per loop iteration, between any two steps
@@ -94,7 +94,7 @@ async def books_watch(_books_balance: list[TelemetryClient]) -> AsyncIterator[li
     async def sample() -> None:
         nonlocal samples
         while True:
-            for client in _books_balance:
+            for client in tracked_clients:
                 stats = client.stats
                 if not balanced(stats):
                     seen.append(stats)

@@ -113,7 +113,7 @@ async def test_request_timeouts_are_retried(
 ) -> None:
     """Two requests never answered: the client times out, retries, and everything arrives."""
     emulator.faults.update({"stall_next": 2, "stall_seconds": 10.0})
-    td = make_client(max_queue_size=N, request_timeout=0.3)
+    td = make_client(max_queue_size=N, request_timeout=1.0)
     await send_numbered(td)
     await td.flush()
     assert emulator.distinct_ids() == set(range(N))
