@@ -14,6 +14,9 @@ signals.
 
 One :class:`Accounting` object per client owns the counters, the ``on_drop``/``on_error``
 callbacks and the rate-limited warnings, so every part of the pipeline reports the same way.
+It is the ledger: every change of a signal's state is one of its ``record_*`` calls, made in
+the same step (no ``await`` between) as the signal leaves the place that held it, so the
+balance holds at every ``await``. Nothing else adds to these counters, the exit hook included.
 """
 
 from __future__ import annotations

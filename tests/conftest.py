@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import platform
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -108,6 +109,19 @@ async def books_watch(tracked_clients: list[TelemetryClient]) -> AsyncIterator[l
         await watcher
     assert samples > 0
     assert not seen, f"unbalanced books at {len(seen)} of {samples} samples, first: {seen[0]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``TELEMETRYDECK_WATCH_BOOKS=1``: every async test reads the books at every loop turn.
+
+    Off by default: the watcher keeps the loop busy, which costs CPU in tests that wait.
+    """
+    if os.environ.get("TELEMETRYDECK_WATCH_BOOKS") != "1":
+        return
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if item.get_closest_marker("asyncio") and names is not None and "books_watch" not in names:
+            names.append("books_watch")  # the closure is computed at collection: extend it
 
 
 @pytest.fixture
