@@ -657,6 +657,8 @@ class Flusher:
             await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def _spill_overflow(self) -> None:
+        # One deque for the client's life (emptied in place, never replaced): a chunk handed
+        # back below always lands where close() and the exit hook look.
         overflow = self._overflow
         while overflow:
             # A bounded chunk per write: building its records runs on the loop.
@@ -734,7 +736,8 @@ class Flusher:
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
         if self._overflow:  # the disk was too slow for the close budget
-            chunk, self._overflow = self._overflow, deque()
+            chunk = list(self._overflow)
+            self._overflow.clear()
             self._drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
         # The spool may still be opening (a very short-lived client): wait, then close it, so
         # its thread never outlives the client.

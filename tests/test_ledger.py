@@ -104,3 +104,21 @@ def test_a_failed_spool_write_drops_every_signal_as_spool_error_and_tells_on_dro
     acc.record_stored([b'{"n":1}'] * 4, stored=0, failed=4, evicted=0)
     assert (acc.spooled, dict(acc.dropped), acc.spool_dropped) == (0, {"spool_error": 4}, {})
     assert seen == [(4, "spool_error")]
+
+
+async def test_overflow_waiting_for_the_spool_writer_is_saved_when_the_loop_ends(
+    emulator: IngestEmulator, tmp_path: Path
+) -> None:
+    """Signals past max_queue_size wait for the spool writer: a loop ending keeps them too."""
+    td = TelemetryClient(
+        "ledger-app",
+        base_url=emulator.base_url,
+        default_user="u",
+        spool_dir=str(tmp_path),
+        max_queue_size=50,
+    )
+    run_and_return(td, 600)
+    assert td.stats.queue_depth > 50  # the overflow is still in memory, pending
+    result = await asyncio.wait_for(td.aclose(), BOUND)
+    assert (result.spooled, dict(result.dropped), result.pending) == (600, {}, 0)
+    assert balanced(td.stats)
