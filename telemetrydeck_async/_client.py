@@ -632,7 +632,7 @@ class TelemetryClient(Presets):
         return user
 
     def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
-        self._accounting.enqueued += 1
+        self._accounting.record_enqueued()
         if self._batcher.put(signal, spool_id):
             return True
         self._flusher.overflow(signal, spool_id)
@@ -849,7 +849,7 @@ class TelemetryClient(Presets):
         # On the loop. After aclose() began nothing will send the queue again: count the
         # signal and drop it rather than leave it pending forever.
         if self._closed:
-            self._accounting.enqueued += 1
+            self._accounting.record_enqueued()
             body = encode_signal(signal, self._config.app_id)
             self._accounting.record_dropped("shutdown", 1, lambda: decode_bodies([body]))
             return

@@ -13,8 +13,9 @@ reason). The policy by answer:
 * 413: split in halves, each sent on; a lone signal still too large is dropped (``oversize``).
 * 400/422: bisected so one bad signal does not sink the rest; the bad ones are dropped
   (``rejected``) with the server's message in the log.
-* 401/403/404: the app ID or namespace is wrong. One ERROR is logged, the batch is kept (spool
-  or memory) and the endpoint is probed every ``auth_probe_interval`` instead of hammered.
+* 401/403/404: the app ID or namespace is wrong; 3xx: the ``base_url`` is (a redirect is never
+  followed). One ERROR is logged, the batch is kept (spool or memory) and the endpoint is
+  probed every ``auth_probe_interval`` instead of hammered.
 
 Nothing here raises into the caller: unexpected exceptions are logged with a traceback and the
 loop keeps serving; ``flush()`` waiters are woken whatever happens.
@@ -42,6 +43,7 @@ from .exceptions import (
     AuthenticationError,
     DeliveryError,
     PayloadTooLargeError,
+    RedirectError,
     RejectedError,
     RetryableStatusError,
 )
@@ -103,8 +105,8 @@ class Flusher:
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     # Signals that overflowed the queue, encoded, waiting for one background spill.
     _overflow: deque[tuple[bytes, float]] = attrs.field(factory=deque, init=False)
-    # How many overflow signals the spool writer is storing right now (still in memory).
-    _overflow_writing: int = attrs.field(default=0, init=False)
+    # The overflow signals the spool writer is storing right now (still in memory, pending).
+    _overflow_chunk: list[tuple[bytes, float]] = attrs.field(factory=list, init=False)
     _overflow_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -130,7 +132,7 @@ class Flusher:
     @property
     def queue_depth(self) -> int:
         """Signals waiting in memory: the queue, and overflow waiting for the spool writer."""
-        return len(self.batcher) + len(self._overflow) + self._overflow_writing
+        return len(self.batcher) + len(self._overflow) + len(self._overflow_chunk)
 
     @property
     def pending(self) -> int:
@@ -258,7 +260,14 @@ class Flusher:
         return self.batcher.take()
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
-        self._deliveries.pop(task, None)
+        todo = self._deliveries.pop(task, None)
+        if todo:
+            # A task cancelled before its first step never runs its own except clause (the
+            # loop's teardown at the end of asyncio.run() does that): its batch is handed back
+            # here, so it is never in no bucket.
+            for rest in todo:
+                self._abandon(rest)
+            todo.clear()
         self._slots.release()
         self._progress.set()
         self.batcher.wakeup.set()
@@ -286,21 +295,19 @@ class Flusher:
             raise
 
     def _abandon(self, batch: Batch) -> None:
-        """A delivery was cancelled: what is on disk stays there, the rest is kept or dropped."""
+        """A delivery was cancelled: what is on disk stays there, the rest is parked.
+
+        Parked, it is still pending: a close() spools or drops it next, and when the loop
+        is torn down without a close (asyncio.run() ending without aclose()) the exit hook
+        (_lifecycle) spools it or reports it lost.
+        """
         written = batch.written_ids()
         if written and self.spool is not None:
             self._spool_later(self.spool.release(written))
             if not batch.recovered:
-                self.accounting.spooled += len(written)
+                self.accounting.record_spooled(len(written))
         rest = batch.not_written()
-        if batch.recovered or not rest.bodies:
-            return
-        if self._stopping:
-            # Cancelled by a close() out of time: accounted, never silently lost.
-            self._drop(rest, "shutdown")
-        else:
-            # Cancelled from outside (asyncio.run() ending without aclose()): keep it in
-            # memory, where the exit hook (_lifecycle) spools it or reports it lost.
+        if not batch.recovered and rest.bodies:
             self._parked.appendleft(rest)
 
     async def _deliver_once(self, batch: Batch, deadline: float) -> tuple[Batch, Batch] | None:
@@ -393,7 +400,7 @@ class Flusher:
         raise _Interrupted
 
     def _on_retry(self, exc: BaseException, wait: float) -> None:
-        self.accounting.retried_requests += 1
+        self.accounting.record_retry()
         self._failing = True
         self.accounting.record_error(exc)
         self.accounting.warnings.log(
@@ -405,7 +412,18 @@ class Flusher:
         )
 
     def _on_auth_failure(self, exc: AuthenticationError) -> None:
-        if self._auth_failed_at is None:
+        if self._auth_failed_at is None and isinstance(exc, RedirectError):
+            log.error(
+                "the ingest endpoint %s answered HTTP %d, a redirect to %s. Redirects are never "
+                "followed (the signals would go elsewhere): check base_url (https:// rather "
+                "than http://, the host, no extra path). Signals are kept and the endpoint will "
+                "be probed every %g s.",
+                self.transport.url,
+                exc.status,
+                exc.location or "(no Location header)",
+                self.config.retry.auth_probe_interval,
+            )
+        elif self._auth_failed_at is None:
             log.error(
                 "the ingest endpoint refused app ID %r (namespace %r) with HTTP %d: check the "
                 "app ID and namespace in the TelemetryDeck dashboard. Signals are kept and the "
@@ -444,22 +462,25 @@ class Flusher:
             self._drop(batch, reason, detail)
             return
         written = batch.written_ids()
-        if written:
-            # Already on disk (written ahead, or recovered): hand it back for a later attempt.
-            await spool.release(written)
-            if not batch.recovered:
-                self.accounting.spooled += len(written)
         if batch.recovered:
+            # Already on disk and counted there: hand it back for a later attempt.
+            await spool.release(written)
             return
         rest = batch.not_written()
         records = [
             SpoolRecord(at, body) for body, at in zip(rest.bodies, rest.received_at, strict=True)
         ]
-        if records:
-            result = await spool.append(records)
-            self.accounting.spooled += len(result.ids)
-            self.accounting.record_dropped("spool_error", result.failed, detail=detail)
-            self.accounting.record_dropped("spool_full", result.evicted, from_spool=True)
+        result = await spool.append(records) if records else None
+        # No await from here until the caller lets go of the batch: a reader of the books
+        # sees it pending or spooled, never both, never neither.
+        if written:
+            # Written ahead: on disk already; hand it back for a later attempt.
+            self._spool_later(spool.release(written))
+            self.accounting.record_spooled(len(written))
+        if result is not None:
+            self.accounting.record_stored(
+                rest.bodies, len(result.ids), result.failed, result.evicted, detail
+            )
 
     def _drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
         bodies = batch.bodies
@@ -527,13 +548,15 @@ class Flusher:
             return None
         record = SpoolRecord(signal.received_at, encode_signal(signal, self.config.app_id))
         result = await spool.append([record], claimed=True)
-        self.accounting.record_dropped("spool_full", result.evicted, from_spool=True)
+        # Only records that were on disk before count as dropped from the spool: a record
+        # that did not fit itself goes on from memory.
+        own = 1 - len(result.ids) - result.failed
+        self.accounting.record_dropped("spool_full", result.evicted - max(own, 0), from_spool=True)
         return result.ids[0] if result.ids else None
 
     async def _read_spool_figures(self, spool: Spool) -> None:
         status = await spool.status()
-        self.accounting.spool_records = status.records
-        self.accounting.spool_bytes = status.bytes
+        self.accounting.record_spool_figures(status.records, status.bytes)
 
     async def _recover_forever(self) -> None:
         """Send what the spool holds, oldest first, whenever the endpoint is healthy.
@@ -564,12 +587,15 @@ class Flusher:
         """Spooled signals go out while the endpoint works, or as the probe once it failed.
 
         After a failure, one recovered batch at a time tests the endpoint (with the usual
-        backoff) once nothing else is in flight; a success resumes the full pace.
+        backoff) once nothing else is in flight; a success resumes the full pace. While the
+        endpoint refuses the configuration (401/403/404, 3xx), one recovered batch is the
+        probe every ``auth_probe_interval``: with everything spooled, nothing else would ask.
         """
+        refused = self._auth_failed_at is not None
         return (
             self.running
             and not self._stopping
-            and self._auth_failed_at is None
+            and (not refused or (self._probe_due() and not self._deliveries))
             and self._pause_until <= time.monotonic()
             and (not self._failing or not self._deliveries)
         )
@@ -597,7 +623,7 @@ class Flusher:
         """A signal did not fit in the queue: spool it in the background, or drop it."""
         if spool_id is not None and self.spool is not None:
             # Written ahead: it is on disk already; hand it to the spool for later.
-            self.accounting.spooled += 1
+            self.accounting.record_spooled(1)
             self._spool_later(self.spool.release([spool_id]))
             return
         body = encode_signal(signal, self.config.app_id)
@@ -608,7 +634,7 @@ class Flusher:
         self._overflow.append((body, signal.received_at))
         # Bounded, the chunk being written included: a burst from synchronous code can outrun
         # the disk for a moment, but memory stays capped however slow the disk is.
-        if len(self._overflow) + self._overflow_writing > _OVERFLOW_BUFFER:
+        if len(self._overflow) + len(self._overflow_chunk) > _OVERFLOW_BUFFER:
             old_body, old_at = self._overflow.popleft()
             self._drop(Batch([old_body], [old_at], -1), "queue_full")
         if self._overflow_task is None or self._overflow_task.done():
@@ -625,22 +651,30 @@ class Flusher:
         task = self._overflow_task
         if task is None or task.done():
             return
-        if len(self._overflow) + self._overflow_writing < _OVERFLOW_BUFFER:
+        if len(self._overflow) + len(self._overflow_chunk) < _OVERFLOW_BUFFER:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def _spill_overflow(self) -> None:
+        # One deque for the client's life (emptied in place, never replaced): a chunk handed
+        # back below always lands where close() and the exit hook look.
         overflow = self._overflow
         while overflow:
             # A bounded chunk per write: building its records runs on the loop.
-            chunk = [overflow.popleft() for _ in range(min(len(overflow), _SPILL_CHUNK))]
+            chunk = self._overflow_chunk = [
+                overflow.popleft() for _ in range(min(len(overflow), _SPILL_CHUNK))
+            ]
             batch = Batch([b for b, _ in chunk], [at for _, at in chunk], -1)
-            self._overflow_writing = len(chunk)
             try:
                 await self._spill_or_drop(batch, "queue_full")
+            except asyncio.CancelledError:
+                # Not written (or not known to be): back in front of the rest, where a
+                # close() or the exit hook finds it.
+                overflow.extendleft(reversed(chunk))
+                raise
             finally:
-                self._overflow_writing = 0
+                self._overflow_chunk = []
 
     # ----------------------------------------------------------------------------- flush, close
 
@@ -693,13 +727,17 @@ class Flusher:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
-        for batch in [*self._parked, *self.batcher.drain()]:
-            await self._spill_or_drop(batch, "shutdown")
-        self._parked.clear()
+        # Each batch stays parked (pending) until it is spooled or dropped: the books balance
+        # at every await of this loop, and a close cut short leaves the rest for the exit hook.
+        self._parked.extend(self.batcher.drain())
+        while self._parked:
+            await self._spill_or_drop(self._parked[0], "shutdown")
+            self._parked.popleft()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
         if self._overflow:  # the disk was too slow for the close budget
-            chunk, self._overflow = self._overflow, deque()
+            chunk = list(self._overflow)
+            self._overflow.clear()
             self._drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
         # The spool may still be opening (a very short-lived client): wait, then close it, so
         # its thread never outlives the client.
@@ -719,24 +757,28 @@ class Flusher:
         return result
 
     def take_everything(self) -> list[Batch]:
-        """Everything still in memory (parked, in flight, queued), for an exit without a loop.
+        """Everything of this process still in memory, for an exit without a loop.
 
-        Only for ``_lifecycle``, once the event loop is gone: no task will run again, so the
-        batches are taken out directly and counted out of ``in_flight``.
+        Parked, in flight, queued, and overflow waiting for the spool writer. Only for
+        ``_lifecycle``, once the event loop is gone: no task will run again, so the batches
+        are taken out directly (and so out of ``pending``); the caller accounts every one.
+        Batches read back from the spool are left out: they are on disk and not in the books.
         """
+        overflow = [*self._overflow_chunk, *self._overflow]
         batches = [
-            # What is on disk already (written ahead, recovered) is adopted by the next run.
-            batch.not_written()
+            batch
             for batch in [
                 *self._parked,
                 *(b for todo in self._deliveries.values() for b in todo),
                 *self.batcher.drain(),
+                Batch([b for b, _ in overflow], [at for _, at in overflow], -1),
             ]
-            if not batch.recovered
+            if not batch.recovered and batch.bodies
         ]
-        batches = [batch for batch in batches if batch.bodies]
         self._parked.clear()
         self._deliveries.clear()
+        self._overflow.clear()
+        self._overflow_chunk = []
         return batches
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:

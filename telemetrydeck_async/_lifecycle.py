@@ -146,54 +146,32 @@ def salvage(flusher: Flusher, why: str) -> FlushResult:
 
     For a client whose loop is gone: nothing will run on it again, so the batches are taken
     out of memory directly and written with the spool's blocking ``append_sync`` (no network
-    I/O). ``why`` ends the log line (what the user should do differently).
+    I/O). Every outcome goes through the client's ledger (``Accounting``), as on the loop:
+    the same counters, rate-limited warnings and ``on_drop`` calls. ``why`` ends the log line
+    (what the user should do differently).
     """
-    batches = flusher.take_everything()
     accounting = flusher.accounting
-    total = sum(len(b) for b in batches)
-    if total == 0:
-        return FlushResult(sent=0, spooled=0, dropped={}, pending=0)
-    # Batches already on disk (recovered, or written ahead) stay there, claimed by this
-    # process; once it has exited, the next process adopts them. Writing them again would
-    # send them twice.
-    on_disk = [b for b in batches if b.spool_ids]
-    in_memory = [b for b in batches if not b.spool_ids]
-    spooled = sum(len(b) for b in on_disk if not b.recovered)
-    dropped: dict[str, int] = {}
-    lost: list[Batch] = in_memory
+    before = accounting.spooled, dict(accounting.dropped)
+    batches = flusher.take_everything()
+    # Signals already on disk (written ahead) stay there, claimed by this process; once it
+    # has exited, the next process adopts them. Writing them again would send them twice.
+    accounting.record_spooled(sum(len(b.written_ids()) for b in batches))
+    in_memory = [rest for rest in (b.not_written() for b in batches) if rest.bodies]
     if in_memory and flusher.config.spool_dir is not None:
+        bodies = [body for b in in_memory for body in b.bodies]
         stored, failed, evicted = spool_at_exit(flusher, in_memory)
-        spooled += stored
-        if failed:
-            dropped["spool_error"] = failed
-        if evicted:
-            dropped["spool_full"] = evicted
-        lost = []
-    accounting.spooled += spooled
-    lost_count = sum(len(b) for b in lost)
-    if lost_count:
-        dropped["shutdown"] = lost_count
-    for reason, count in dropped.items():
-        accounting.dropped[reason] += count
-    if lost and accounting.on_drop is not None:
-        try:
-            accounting.on_drop(decode_bodies([body for b in lost for body in b.bodies]), "shutdown")
-        except Exception:
-            log.warning("the on_drop callback raised; ignoring it", exc_info=True)
-    if lost_count:
-        log.warning(
-            "%d signal(s) lost: %s, and no spool_dir is configured to keep them for the next run",
-            lost_count,
-            why,
-        )
-    elif spooled:
+        accounting.record_stored(bodies, stored, failed, evicted, why)
+    elif in_memory:
+        lost = [body for b in in_memory for body in b.bodies]
+        accounting.record_dropped("shutdown", len(lost), lambda: decode_bodies(lost), why)
+    spooled = accounting.spooled - before[0]
+    dropped = {
+        reason: n - before[1].get(reason, 0)
+        for reason, n in accounting.dropped.items()
+        if n != before[1].get(reason, 0)
+    }
+    if spooled:
         log.info("%d signal(s) written to the spool for the next run: %s", spooled, why)
-    if dropped.get("spool_error") or dropped.get("spool_full"):
-        log.warning(
-            "%d signal(s) could not be kept in the spool at exit (%s)",
-            dropped.get("spool_error", 0) + dropped.get("spool_full", 0),
-            ", ".join(f"{k}={v}" for k, v in dropped.items() if k != "shutdown"),
-        )
     return FlushResult(sent=0, spooled=spooled, dropped=dropped, pending=0)
 
 
@@ -304,8 +282,8 @@ def finish_at_exit(tickets: Iterable[ExitTicket]) -> None:
             if _loop_gone(ticket.loop):
                 result = salvage(
                     ticket.flusher,
-                    "a TelemetryClient was still open when the interpreter exited "
-                    "(use 'async with TelemetryClient(...)' or 'await client.aclose()')",
+                    "a TelemetryClient was still open when the interpreter exited; "
+                    "use 'async with TelemetryClient(...)' or 'await client.aclose()'",
                 )
                 _tell(ticket, result)
             else:

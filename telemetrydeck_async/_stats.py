@@ -14,6 +14,9 @@ signals.
 
 One :class:`Accounting` object per client owns the counters, the ``on_drop``/``on_error``
 callbacks and the rate-limited warnings, so every part of the pipeline reports the same way.
+It is the ledger: every change of a signal's state is one of its ``record_*`` calls, made in
+the same step (no ``await`` between) as the signal leaves the place that held it, so the
+balance holds at every ``await``. Nothing else adds to these counters, the exit hook included.
 """
 
 from __future__ import annotations
@@ -197,6 +200,44 @@ class Accounting:
     spool_bytes: int | None = None
     last_error: LastError | None = None
     warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog)
+
+    # Every change of a signal's state goes through one of the record_* methods below; no
+    # other module adds to these counters, so the balance in the module docstring is kept in
+    # one place (the exit hook included).
+
+    def record_enqueued(self, count: int = 1) -> None:
+        """``count`` signals were accepted by ``signal()`` and friends (now pending)."""
+        self.enqueued += count
+
+    def record_spooled(self, count: int) -> None:
+        """``count`` pending signals left memory for the on-disk spool."""
+        self.spooled += count
+
+    def record_stored(
+        self, bodies: Sequence[bytes], stored: int, failed: int, evicted: int, detail: str = ""
+    ) -> None:
+        """The outcome of one write of the pending signals ``bodies`` to the spool.
+
+        ``stored`` of them are spooled; ``failed`` could not be written (dropped as
+        ``spool_error``). ``evicted`` records were deleted to stay within the spool's size:
+        those of this very write that did not fit (its oldest, the first ones given) are
+        dropped as ``spool_full``; the rest had reached the spool before and are counted in
+        ``spool_dropped``. So every signal given ends in exactly one bucket.
+        """
+        self.record_spooled(stored)
+        self.record_dropped("spool_error", failed, lambda: decode_bodies(bodies[:failed]), detail)
+        own = max(0, min(len(bodies) - stored - failed, evicted))
+        self.record_dropped("spool_full", own, lambda: decode_bodies(bodies[:own]), detail)
+        self.record_dropped("spool_full", evicted - own, from_spool=True)
+
+    def record_retry(self) -> None:
+        """A request failed and will be tried again."""
+        self.retried_requests += 1
+
+    def record_spool_figures(self, records: int | None, size: int | None) -> None:
+        """The spool's size at its last reading (not a signal's state: for ``stats``)."""
+        self.spool_records = records
+        self.spool_bytes = size
 
     def record_sent(self, count: int, *, recovered: bool = False) -> None:
         """A batch of ``count`` signals was answered with a 2xx."""

@@ -24,6 +24,7 @@ from .exceptions import (
     HTTPStatusError,
     PayloadTooLargeError,
     PermanentStatusError,
+    RedirectError,
     RejectedError,
     RetryableStatusError,
     TransportError,
@@ -62,10 +63,17 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def classify_status(status: int, body: str, retry_after: float | None) -> HTTPStatusError | None:
-    """The error a status stands for, or None for success (any 2xx)."""
+def classify_status(
+    status: int, body: str, retry_after: float | None, location: str | None = None
+) -> HTTPStatusError | None:
+    """The error a status stands for, or None for success (any 2xx).
+
+    ``location``: the ``Location`` header of a 3xx answer, kept on the :class:`RedirectError`.
+    """
     if 200 <= status < 300:
         return None
+    if 300 <= status < 400:
+        return RedirectError(status, body, location)
     if status == 413:
         return PayloadTooLargeError(status, body)
     if status in (400, 422):
@@ -108,15 +116,17 @@ class Transport:
         session = self._open()
         try:
             # No redirects for a POST of telemetry: a redirect means a wrong base_url, and
-            # following it would resend the body somewhere unexpected.
+            # following it would resend the body somewhere unexpected (RedirectError).
             async with session.post(self.url, data=body, allow_redirects=False) as response:
                 if 200 <= response.status < 300:
                     return
                 raw = await response.content.read(MAX_RESPONSE_BYTES)
+                headers = response.headers
                 error = classify_status(
                     response.status,
                     raw.decode("utf-8", "replace").strip(),
-                    parse_retry_after(response.headers.get("Retry-After")),
+                    parse_retry_after(headers.get("Retry-After")),
+                    headers.get("Location"),
                 )
         except DeliveryError:
             raise

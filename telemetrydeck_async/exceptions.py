@@ -15,6 +15,7 @@ Every error is a :class:`TelemetryDeckError`, so one ``except`` clause catches t
             ├── PayloadTooLargeError                      413: the batch is split and resent
             ├── RejectedError                             400, 422: the server refused a signal
             ├── AuthenticationError                       401, 403, 404: wrong app ID or namespace
+            │   └── RedirectError                         3xx: wrong base_url (never followed)
             └── PermanentStatusError                      any other status not worth repeating
 
 Whether a failed request is worth repeating is a property of its error class
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidSignalError",
     "PayloadTooLargeError",
     "PermanentStatusError",
+    "RedirectError",
     "RejectedError",
     "RetryableStatusError",
     "SpoolError",
@@ -135,8 +137,26 @@ class RejectedError(HTTPStatusError):
 class AuthenticationError(HTTPStatusError):
     """401, 403 or 404: the app ID or namespace is wrong, or the endpoint does not exist.
 
+    The family of configuration errors the server reports (:class:`RedirectError` for 3xx).
+
     Signals are kept (in memory, or in the spool) and the endpoint is probed on a long interval.
     """
+
+
+class RedirectError(AuthenticationError):
+    """3xx: the endpoint answered with a redirect, which is never followed.
+
+    Following it would send the signals to another place than the configured ``base_url``.
+    It almost always means the ``base_url`` is wrong (``http://`` instead of ``https://``, a
+    moved host, a missing path). Like the other configuration errors the signals are kept
+    (in memory, or in the spool), one ERROR names the ``Location`` and the endpoint is probed
+    every ``auth_probe_interval``. ``location`` is the answer's ``Location`` header, or None.
+    """
+
+    def __init__(self, status: int, body: str = "", location: str | None = None) -> None:
+        super().__init__(status, body)
+        self.location = location
+        self.args = (f"ingest endpoint answered HTTP {status}, a redirect to {location or '?'}",)
 
 
 class PermanentStatusError(HTTPStatusError):

@@ -1,15 +1,23 @@
-"""Shared fixtures: a real ingest emulator on 127.0.0.1:0 and clients pointed at it."""
+"""Shared fixtures: a real ingest emulator on 127.0.0.1:0 and clients pointed at it.
+
+Every test is also an accounting test: each client it creates (any subclass too) must balance
+its books when the test ends (``tracked_clients``), and ``books_watch`` checks them at every
+turn of the event loop while a test runs.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import os
 import platform
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from telemetrydeck_async import RetryPolicy, TelemetryClient, __version__
+from telemetrydeck_async import RetryPolicy, Stats, TelemetryClient, __version__, _lifecycle
 from telemetrydeck_async.devserver import IngestEmulator
 
 #: A retry policy with short waits, so fault tests take milliseconds instead of seconds.
@@ -44,6 +52,76 @@ def _isolated_user_data_dir(
     """Default-user files go to a temporary data dir, never the real home (also for the CLI)."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     monkeypatch.delenv("TELEMETRYDECK_DISABLED", raising=False)
+
+
+def balanced(stats: Stats) -> bool:
+    """The ledger's invariant: every accepted signal is in exactly one bucket."""
+    return stats.enqueued == stats.sent + stats.spooled + stats.dropped_total + stats.pending
+
+
+@pytest.fixture(autouse=True)
+def tracked_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TelemetryClient]]:
+    """Every client the test creates balances its books once the test is over.
+
+    Clients are caught where each one registers with the lifecycle hooks (its ``__init__``
+    calls ``_lifecycle.track``), so clients built by helpers and subclasses count too. They
+    are held strongly until the check, so a client dropped mid-test is checked as well.
+    """
+    created: list[TelemetryClient] = []
+    track = _lifecycle.track
+
+    def track_and_keep(client: TelemetryClient) -> None:
+        created.append(client)
+        track(client)
+
+    monkeypatch.setattr(_lifecycle, "track", track_and_keep)
+    yield created
+    unbalanced = [(client, client.stats) for client in created]
+    unbalanced = [(client, stats) for client, stats in unbalanced if not balanced(stats)]
+    assert not unbalanced, f"the books do not balance: {unbalanced}"
+
+
+@pytest.fixture
+async def books_watch(tracked_clients: list[TelemetryClient]) -> AsyncIterator[list[Stats]]:
+    """Check every client's books at each turn of the event loop while the test runs.
+
+    A task that yields with ``sleep(0)`` runs once per loop iteration, between any two steps
+    of the other tasks: every ``await`` that gives up the loop is a point where the books are
+    read. Yields the unbalanced snapshots seen (the teardown asserts there are none).
+    """
+    seen: list[Stats] = []
+    samples = 0
+
+    async def sample() -> None:
+        nonlocal samples
+        while True:
+            for client in tracked_clients:
+                stats = client.stats
+                if not balanced(stats):
+                    seen.append(stats)
+            samples += 1
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(sample())
+    yield seen
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    assert samples > 0
+    assert not seen, f"unbalanced books at {len(seen)} of {samples} samples, first: {seen[0]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``TELEMETRYDECK_WATCH_BOOKS=1``: every async test reads the books at every loop turn.
+
+    Off by default: the watcher keeps the loop busy, which costs CPU in tests that wait.
+    """
+    if os.environ.get("TELEMETRYDECK_WATCH_BOOKS") != "1":
+        return
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if item.get_closest_marker("asyncio") and names is not None and "books_watch" not in names:
+            names.append("books_watch")  # the closure is computed at collection: extend it
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from telemetrydeck_async.exceptions import (
     AuthenticationError,
     PayloadTooLargeError,
     PermanentStatusError,
+    RedirectError,
     RejectedError,
     RetryableStatusError,
 )
@@ -31,6 +32,9 @@ from telemetrydeck_async.exceptions import (
 from .conftest import FAST_RETRY, ClientFactory
 
 N = 5000
+
+# The books are read at every turn of the event loop in every case, not only at the end.
+pytestmark = pytest.mark.usefixtures("books_watch")
 
 
 async def send_numbered(
@@ -109,7 +113,7 @@ async def test_request_timeouts_are_retried(
 ) -> None:
     """Two requests never answered: the client times out, retries, and everything arrives."""
     emulator.faults.update({"stall_next": 2, "stall_seconds": 10.0})
-    td = make_client(max_queue_size=N, request_timeout=0.3)
+    td = make_client(max_queue_size=N, request_timeout=1.0)
     await send_numbered(td)
     await td.flush()
     assert emulator.distinct_ids() == set(range(N))
@@ -340,7 +344,11 @@ async def test_await_signal_waits_for_room_instead_of_dropping_a_burst(
         (505, PermanentStatusError),
         (507, RetryableStatusError),
         (418, PermanentStatusError),
-        (302, PermanentStatusError),
+        (301, RedirectError),
+        (302, RedirectError),
+        (303, RedirectError),
+        (307, RedirectError),
+        (308, RedirectError),
     ],
 )
 def test_status_classification(status: int, error: type[Exception]) -> None:

@@ -153,4 +153,4 @@ async def test_gunicorn_preload_workers_send_their_own_signals_and_never_the_mas
     sessions = {s["sessionID"] for s in emulator.signals}
     assert master_session not in sessions
     assert len(sessions) == len(set(pids))  # one new session per worker that served
-    assert "1 signal(s) lost" in proc.output
+    assert "dropped 1 signal(s), reason shutdown" in proc.output

@@ -149,7 +149,7 @@ async def test_aclose_on_a_new_loop_after_the_old_one_ended_drops_what_was_left(
     run_on_a_loop_that_ends(td, 3)
     result = await asyncio.wait_for(td.aclose(), BOUND)
     assert dict(result.dropped) == {"shutdown": 3}
-    assert "3 signal(s) lost" in caplog.text
+    assert "dropped 3 signal(s), reason shutdown" in caplog.text
     assert emulator.signals == []
 
 
@@ -221,7 +221,7 @@ async def test_unclosed_client_without_spool_logs_how_many_signals_were_lost(
     """asyncio.run() ending with the client open: the exit hook logs the count it lost."""
     proc = await run_script(procs, "unclosed.py", emulator.base_url, "7")
     assert await proc.finish() == 0, proc.output
-    assert any("7 signal(s) lost" in line for line in proc.err), proc.output
+    assert any("dropped 7 signal(s), reason shutdown" in line for line in proc.err), proc.output
     assert emulator.signals == []
 
 
@@ -310,7 +310,7 @@ async def test_exit_hook_result_reaches_a_client_that_is_still_alive(
     assert td.closed
     result = await td.aclose()
     assert result == FlushResult(sent=0, spooled=0, dropped={"shutdown": 2}, pending=0)
-    assert "2 signal(s) lost" in caplog.text
+    assert "dropped 2 signal(s), reason shutdown" in caplog.text
 
 
 async def test_forked_child_does_not_keep_the_parents_signal_handlers(
@@ -396,7 +396,7 @@ async def test_exit_salvage_counts_what_the_spool_could_not_take(
     run_on_a_loop_that_ends(td, 3)
     result = await asyncio.wait_for(td.aclose(), BOUND)
     assert dict(result.dropped) == {"spool_error": 3}
-    assert "could not be kept in the spool at exit" in caplog.text
+    assert "dropped 3 signal(s), reason spool_error" in caplog.text
     assert accounted(td)
 
 
