@@ -35,7 +35,7 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._retry import retry_call
 from ._signal import Signal, encode_signal
-from ._spool import Spool, SpoolRecord, open_spool
+from ._spool import Destination, Spool, SpoolRecord, open_spool
 from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
@@ -44,6 +44,7 @@ from .exceptions import (
     PayloadTooLargeError,
     RejectedError,
     RetryableStatusError,
+    SpoolError,
 )
 
 __all__ = ["Flusher"]
@@ -459,6 +460,7 @@ class Flusher:
             result = await spool.append(records)
             self.accounting.spooled += len(result.ids)
             self.accounting.record_dropped("spool_error", result.failed, detail=detail)
+            self.accounting.record_dropped("spool_full", result.rejected, detail=detail)
             self.accounting.record_dropped("spool_full", result.evicted, from_spool=True)
 
     def _drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
@@ -490,6 +492,7 @@ class Flusher:
                 max_bytes=config.spool_max_bytes,
                 max_age=config.spool_max_age,
                 durability=config.durability,
+                destination=Destination(config.endpoint_url, config.app_id),
             )
         except Exception as exc:  # never into the app: carry on memory-only
             log.exception("could not open the spool in %s; memory only", directory)
@@ -532,6 +535,12 @@ class Flusher:
 
     async def _read_spool_figures(self, spool: Spool) -> None:
         status = await spool.status()
+        if status.error is not None:
+            # Unknown is not empty: a failed read must not tell ``spool drain`` (or anyone
+            # watching stats) that everything was sent.
+            self.accounting.spool_records = self.accounting.spool_bytes = None
+            self.accounting.record_error(SpoolError(f"could not read the spool: {status.error}"))
+            return
         self.accounting.spool_records = status.records
         self.accounting.spool_bytes = status.bytes
 
