@@ -1270,45 +1270,64 @@ def _salvage(path: Path) -> list[tuple[SpoolRecord, Destination | None]]:
         wal = Path(f"{path}-wal").read_bytes()
     except OSError:
         wal = b""
-    page_size = _page_size(data, wal)
+    rows: dict[int, list[list[Any]]] = {}
+    # The header's page size may itself be damaged: SQLite's default is tried too (a row
+    # only counts if its CRC matches, so a wrong guess adds nothing false).
+    for page_size in dict.fromkeys((_page_size(data, wal), 4096)):
+        _read_rows(data, wal, page_size, rows)
+    destinations: dict[int, Destination] = {}
+    for rowid, candidates in rows.items():
+        for values in candidates:
+            if (
+                len(values) == 3
+                and values[0] is None
+                and isinstance(values[1], str)
+                and isinstance(values[2], str)
+            ):
+                destinations.setdefault(rowid, Destination(values[1], values[2]))
+    found: list[tuple[SpoolRecord, Destination | None]] = []
+    for rowid in sorted(rows):
+        for values in rows[rowid]:
+            record = _as_record(values, destinations)
+            if record is not None:
+                found.append(record)
+                break
+    return found
+
+
+def _as_record(
+    values: list[Any], destinations: dict[int, Destination]
+) -> tuple[SpoolRecord, Destination | None] | None:
+    """A ``records`` row whose body still matches its CRC, or None."""
+    if len(values) not in (7, 8) or values[0] is not None:
+        return None
+    received_at, size, crc, body = values[1], values[2], values[3], values[6]
+    if not (
+        isinstance(body, bytes)
+        and isinstance(received_at, (int, float))
+        and math.isfinite(received_at)
+        and size == len(body)
+        and crc == zlib.crc32(body)
+    ):
+        return None
+    dest = values[7] if len(values) == 8 and isinstance(values[7], int) else None
+    return SpoolRecord(float(received_at), body), None if dest is None else destinations.get(dest)
+
+
+def _read_rows(data: bytes, wal: bytes, page_size: int, rows: dict[int, list[list[Any]]]) -> None:
+    """Add the rows of every table leaf page (as pages of ``page_size``) to ``rows``."""
     pages = {
         number + 1: data[number * page_size : (number + 1) * page_size]
         for number in range(len(data) // page_size)
     }
     pages.update(_wal_pages(wal, page_size))
-    usable = page_size - (data[20] if len(data) > 20 and data[:16] == _DB_MAGIC else 0)
+    reserved = data[20] if len(data) > 20 and data[:16] == _DB_MAGIC else 0
+    usable = page_size - (reserved if reserved < page_size // 2 else 0)
     free = _free_pages(pages)
-    rows: dict[int, list[Any]] = {}
     for number, page in pages.items():
-        if number in free:
-            continue
-        for rowid, values in _leaf_rows(pages, number, page, usable):
-            rows.setdefault(rowid, values)
-    destinations = {
-        rowid: Destination(values[1], values[2])
-        for rowid, values in rows.items()
-        if len(values) == 3
-        and values[0] is None
-        and isinstance(values[1], str)
-        and isinstance(values[2], str)
-    }
-    found: list[tuple[SpoolRecord, Destination | None]] = []
-    for rowid in sorted(rows):
-        values = rows[rowid]
-        if len(values) not in (7, 8) or values[0] is not None:
-            continue
-        received_at, size, crc, body = values[1], values[2], values[3], values[6]
-        if (
-            isinstance(body, bytes)
-            and isinstance(received_at, (int, float))
-            and math.isfinite(received_at)
-            and size == len(body)
-            and crc == zlib.crc32(body)
-        ):
-            dest = values[7] if len(values) == 8 and isinstance(values[7], int) else None
-            destination = None if dest is None else destinations.get(dest)
-            found.append((SpoolRecord(float(received_at), body), destination))
-    return found
+        if number not in free:
+            for rowid, values in _leaf_rows(pages, number, page, usable):
+                rows.setdefault(rowid, []).append(values)
 
 
 _DB_MAGIC: Final = b"SQLite format 3\x00"
@@ -1368,7 +1387,9 @@ def _free_pages(pages: dict[int, bytes]) -> set[int]:
         count = min(int.from_bytes(page[4:8], "big"), (len(page) - 8) // 4)
         free.update(int.from_bytes(page[8 + 4 * i : 12 + 4 * i], "big") for i in range(count))
         trunk = int.from_bytes(page[:4], "big")
-    return free
+    # A damaged list could name live pages: trust it only if it adds up to the header's count
+    # (otherwise deleted rows may come back: sent twice, never lost).
+    return free if len(free) == int.from_bytes(first[36:40], "big") else set()
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
