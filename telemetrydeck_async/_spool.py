@@ -1127,6 +1127,11 @@ class _Store:
                 "DELETE FROM records WHERE received_at < ? AND owner IS NULL" + mine, cutoff
             )
             self._count(-expired, -size)
+        if self.room is not None:
+            # Marking records claimed rewrites their pages into the WAL: on a nearly full
+            # disk take only what that room holds (still at least one record).
+            room = max(0, int(self.room.free / _PAGE_FACTOR))
+            max_bytes = room if max_bytes is None else min(max_bytes, room)
         picked: list[tuple[int, bytes]] = []
         total = 0
         adopted = 0

@@ -201,6 +201,28 @@ async def test_stats_report_spool_figures(tmp_path: Path) -> None:
     assert plain.stats.spool_records is None
 
 
+async def start_producer(
+    port: int,
+    spool_dir: Path,
+    durability: str,
+    count: int,
+    workers: int,
+    queue: int,
+    pace: float = 0.0,
+) -> _proc.Proc:
+    """Start ``tests/scripts/spool_producer.py`` (app "crash-app") against a port on loopback."""
+    return await _proc.start(
+        str(_proc.SCRIPTS / "spool_producer.py"),
+        f"http://127.0.0.1:{port}",
+        str(spool_dir),
+        durability,
+        str(count),
+        str(workers),
+        str(queue),
+        str(pace),
+    )
+
+
 def _acknowledged(lines: list[str]) -> set[int]:
     """The ids the producer reported as returned from ``await td.signal()``."""
     return {int(i) for line in lines if line.startswith("ok ") for i in line.split()[1:]}
@@ -227,16 +249,7 @@ async def _crash_trial(
     """
     port = free_port()
     spool_dir = tmp_path / "spool"
-    child = await _proc.start(
-        str(_proc.SCRIPTS / "spool_producer.py"),
-        f"http://127.0.0.1:{port}",
-        str(spool_dir),
-        durability,
-        "20000",
-        "32",
-        str(queue),
-        str(pace),
-    )
+    child = await start_producer(port, spool_dir, durability, 20_000, 32, queue, pace)
     try:
         await child.wait_for("^ready$", timeout=60)
         target = random.randint(2000, 12000)

@@ -25,8 +25,7 @@ from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import Destination, SpoolRecord, _salvage, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 
-from . import _proc
-from .test_spool_client import SHORT_DEADLINE, free_port, spool_client
+from .test_spool_client import SHORT_DEADLINE, free_port, spool_client, start_producer
 
 LOGGER = "telemetrydeck_async"
 PAGE = 4096
@@ -239,15 +238,7 @@ async def test_deleted_wal_after_kill_9_keeps_what_reached_the_file(
 ) -> None:
     """kill -9, then the WAL deleted: the file is consistent; all of it arrives, nothing moved."""
     port = free_port()
-    child = await _proc.start(
-        str(_proc.SCRIPTS / "spool_producer.py"),
-        f"http://127.0.0.1:{port}",
-        str(tmp_path),
-        "always",
-        "3000",
-        "8",
-        "10000",
-    )
+    child = await start_producer(port, tmp_path, "always", 3_000, 8, 10_000)
     try:
         await child.wait_for("^ok ", timeout=60)
         await asyncio.sleep(1.5)  # one idle checkpoint or so: part in the file, part in the WAL
