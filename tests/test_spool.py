@@ -124,6 +124,35 @@ async def test_claim_respects_limit_and_max_bytes(spool: Spool) -> None:
     assert len((await spool.claim(10, max_bytes=1)).records) == 1
 
 
+async def test_claim_batches_hands_out_several_batches_in_order(spool: Spool) -> None:
+    """claim_batches: consecutive batches, oldest first, each within limit and max_bytes."""
+    await spool.append(records(25, pad=90))
+    size = len(body(0, 90))
+    claims = await spool.claim_batches(3, 4)
+    assert [bodies_of(c) for c in claims] == [
+        [body(i, 90) for i in range(start, start + 4)] for start in (0, 4, 8)
+    ]
+    claims = await spool.claim_batches(5, 10, max_bytes=2 * size + 1)
+    assert [len(c.records) for c in claims] == [2, 2, 2, 2, 2]
+    assert bodies_of(claims[0])[0] == body(12, 90)
+    claims = await spool.claim_batches(4, 10)
+    assert [len(c.records) for c in claims] == [3], "fewer batches when the spool runs out"
+    assert await spool.claim_batches(2, 10) == (ClaimResult((), 0, 0),)
+
+
+async def test_claim_batches_reports_expired_once(tmp_path: Path) -> None:
+    """Expired records are counted in the first result only."""
+    clock = FakeClock()
+    opened = await open_spool(tmp_path, max_age=100, clock=clock)
+    try:
+        await opened.append(records(3, at=clock.now - 1_000))
+        await opened.append(records(6, start=3, at=clock.now))
+        claims = await opened.claim_batches(3, 2)
+        assert [(len(c.records), c.expired) for c in claims] == [(2, 3), (2, 0), (2, 0)]
+    finally:
+        await opened.close()
+
+
 async def test_acked_records_are_gone(spool: Spool) -> None:
     """Acked records are deleted; the rest stay pending."""
     await spool.append(records(4))
