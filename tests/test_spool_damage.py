@@ -14,6 +14,8 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import Destination, SpoolRecord, _salvage, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 
+from . import _proc
 from .test_spool_client import SHORT_DEADLINE, free_port, spool_client, start_producer
 
 LOGGER = "telemetrydeck_async"
@@ -289,3 +292,57 @@ async def test_directory_replaced_by_a_file_runs_from_memory(
     assert str(spool_dir) in problem.getMessage()
     assert "memory only" in problem.getMessage()
     assert spool_dir.read_text() == "a file where the spool directory was"
+
+
+# --------------------------------------------------------------------------------------------
+# What salvage reads besides the leaf pages of the main file
+
+
+def test_salvage_reads_committed_records_from_the_wal(tmp_path: Path) -> None:
+    """Killed before a checkpoint, then the file's header destroyed: the WAL's rows survive."""
+    ids = kill_holder_with_wal(tmp_path)
+    db = tmp_path / DB
+    assert os.path.getsize(f"{db}-wal") > 0
+    with db.open("r+b") as f:
+        f.write(b"\xff" * 100)  # the file header: SQLite itself refuses the file now
+    found = _salvage(db)
+    assert sorted(record.body for record, _ in found) == sorted(
+        b'{"hold":%d}' % i for i in range(len(ids))
+    )
+
+
+def kill_holder_with_wal(directory: Path) -> list[int]:
+    """A worker appends 50 records and is SIGKILLed before its first checkpoint."""
+    worker = Path(__file__).with_name("spool_worker.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), "hold", str(directory), "50"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_proc.script_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert line, "the worker printed its ids"
+    ids: list[int] = json.loads(line)["ids"]
+    return ids
+
+
+async def test_salvage_follows_overflow_pages(tmp_path: Path) -> None:
+    """Bodies longer than a page live on overflow pages: kept whole, or not at all."""
+    spool = await open_spool(tmp_path)
+    big = [b'{"i":%d,"pad":"%s"}' % (i, bytes([97 + i]) * 10_000) for i in range(6)]
+    await spool.append([SpoolRecord(1_800_000_000.0 + i, b) for i, b in enumerate(big)])
+    await spool.close()
+    db = tmp_path / DB
+    data = db.read_bytes()
+    # Damage the fourth body on one of its overflow pages (a run of 3,000 of its bytes can
+    # only be there: its part on the leaf page is shorter), nothing else.
+    at = data.find(bytes([97 + 3]) * 3_000)
+    assert at > 0
+    overwrite(db, [(at, at + 100)], 3)
+    kept = [record.body for record, _ in _salvage(db)]
+    assert kept == [b for i, b in enumerate(big) if i != 3]

@@ -192,3 +192,56 @@ async def test_full_disk_left_by_a_process_is_delivered_by_the_next(small_disk: 
     assert set(held) == emulator.distinct_ids()
     assert emulator.duplicates() == 0
     assert on_disk(small_disk) == []
+
+
+def fill_up(directory: Path) -> Path:
+    """Take every free byte of the filesystem with one file; return it."""
+    junk = directory / "junk"
+    with junk.open("wb") as f, contextlib.suppress(OSError):  # ENOSPC: full
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return junk
+
+
+async def test_disk_filled_to_the_last_byte_by_something_else(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No byte left for SQLite's shared-memory file: memory-only, said once, nothing lost."""
+    port = free_port()
+    first = spool_client(f"http://127.0.0.1:{port}", small_disk, "disk-app", retry=SHORT_DEADLINE)
+    for i in range(300):
+        await first.signal("Disk.case", payload={"Test.id": i})
+    await first.aclose(timeout=10)
+    assert first.stats.spooled == 300
+    junk = fill_up(small_disk.parent)
+    caplog.clear()
+    td = spool_client(f"http://127.0.0.1:{port}", small_disk, "disk-app")
+    await td.start()
+    try:
+        await wait_until(lambda: bool(errors(caplog)), timeout=30)
+        (error,) = errors(caplog)
+        assert str(small_disk) in error.getMessage()
+        assert td.stats.spool_records is None, "unknown, not an empty spool"
+        code, out, err = await run_cli("spool", "status", str(small_disk))
+        assert code == 1
+        assert "cannot be read" in err
+        assert "records" not in out
+        await td.signal("Disk.case", payload={"Test.id": 300})
+        async with IngestEmulator(port=port) as emulator:
+            await td.flush(timeout=30)
+            assert emulator.distinct_ids() == {300}
+            await td.aclose(timeout=10)
+            junk.unlink()
+            restarted = spool_client(emulator.base_url, small_disk, "disk-app")
+            await restarted.start()
+            await wait_until(lambda: set(range(301)) <= emulator.distinct_ids())
+            await restarted.aclose(timeout=10)
+    finally:
+        await td.aclose(timeout=10)
+    assert emulator.distinct_ids() == set(range(301))
+    assert balanced(td)
+
+
+def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
