@@ -36,7 +36,7 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._retry import retry_call
 from ._signal import Signal, encode_signal
-from ._spool import Spool, SpoolRecord, open_spool
+from ._spool import Destination, Spool, SpoolRecord, open_spool
 from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
@@ -46,6 +46,7 @@ from .exceptions import (
     RedirectError,
     RejectedError,
     RetryableStatusError,
+    SpoolError,
 )
 
 __all__ = ["Flusher"]
@@ -479,7 +480,12 @@ class Flusher:
             self.accounting.record_spooled(len(written))
         if result is not None:
             self.accounting.record_stored(
-                rest.bodies, len(result.ids), result.failed, result.evicted, detail
+                rest.bodies,
+                len(result.ids),
+                result.failed,
+                # rejected: this write's own oldest that did not fit (never on disk).
+                result.evicted + result.rejected,
+                detail,
             )
 
     def _drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
@@ -511,6 +517,7 @@ class Flusher:
                 max_bytes=config.spool_max_bytes,
                 max_age=config.spool_max_age,
                 durability=config.durability,
+                destination=Destination(config.endpoint_url, config.app_id),
             )
         except Exception as exc:  # never into the app: carry on memory-only
             log.exception("could not open the spool in %s; memory only", directory)
@@ -556,6 +563,12 @@ class Flusher:
 
     async def _read_spool_figures(self, spool: Spool) -> None:
         status = await spool.status()
+        if status.error is not None:
+            # Unknown is not empty: a failed read must not tell ``spool drain`` (or anyone
+            # watching stats) that everything was sent.
+            self.accounting.record_spool_figures(None, None)
+            self.accounting.record_error(SpoolError(f"could not read the spool: {status.error}"))
+            return
         self.accounting.record_spool_figures(status.records, status.bytes)
 
     async def _recover_forever(self) -> None:

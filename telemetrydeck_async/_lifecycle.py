@@ -199,7 +199,7 @@ def spool_at_exit(flusher: Flusher, batches: Sequence[Batch]) -> tuple[int, int,
             "could not write %d signal(s) to the spool at exit", len(records), exc_info=True
         )
         return 0, len(records), 0
-    return len(result.ids), result.failed, result.evicted
+    return len(result.ids), result.failed, result.evicted + result.rejected
 
 
 def _append_to_fresh_spool(flusher: Flusher, records: Sequence[SpoolRecord]) -> AppendResult:
@@ -209,7 +209,7 @@ def _append_to_fresh_spool(flusher: Flusher, records: Sequence[SpoolRecord]) -> 
     ``aclose()`` on a new loop after the client's own one ended), where ``asyncio.run()`` is
     not allowed.
     """
-    from ._spool import open_spool
+    from ._spool import Destination, open_spool
 
     config = flusher.config
     directory = config.spool_dir
@@ -221,6 +221,7 @@ def _append_to_fresh_spool(flusher: Flusher, records: Sequence[SpoolRecord]) -> 
             max_bytes=config.spool_max_bytes,
             max_age=config.spool_max_age,
             durability=config.durability,
+            destination=Destination(config.endpoint_url, config.app_id),
         )
         try:
             return await spool.append(records)

@@ -65,7 +65,7 @@ _DROP_EXPLANATIONS: Final[Mapping[str, str]] = {
     "permanent_error": "the server answered with a status that retrying cannot fix",
     "shutdown": "the client closed before they could be sent (set spool_dir to keep them)",
     "expired": "they waited in the spool longer than spool_max_age",
-    "spool_full": "the spool reached spool_max_bytes; the oldest were dropped",
+    "spool_full": "the spool was full (spool_max_bytes, or its disk); the oldest were dropped",
     "spool_error": "the spool could not write them to disk",
 }
 
