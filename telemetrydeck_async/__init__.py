@@ -17,6 +17,7 @@ from ._stats import DROP_REASONS, FlushResult, LastError, Stats
 from ._version import __version__
 from .exceptions import (
     AuthenticationError,
+    CertificateError,
     ClientClosedError,
     ConfigurationError,
     DeliveryError,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DROP_REASONS",
     "AuthenticationError",
+    "CertificateError",
     "ClientClosedError",
     "ClientConfig",
     "ConfigurationError",

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import ssl as _ssl
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 
@@ -22,6 +24,7 @@ from . import _lifecycle
 from ._batcher import Batcher
 from ._config import (
     DEFAULT_BASE_URL,
+    BeforeSend,
     ClientConfig,
     Durability,
     OnDrop,
@@ -120,6 +123,20 @@ class TelemetryClient(Presets):
         enabled: False makes every call a no-op (arguments are still validated, so tests
             catch bad calls): no task, no file, no network, all stats zero. The environment
             variable ``TELEMETRYDECK_DISABLED=1`` does the same for every client.
+        proxy: an ``http://[user:password@]host:port`` proxy for every request; wins over
+            the environment. Loopback hosts are never proxied.
+        ssl: a CA bundle path (file or directory) or an ``ssl.SSLContext`` for servers or
+            TLS-inspecting proxies signed by a private CA. Default: the system's trust store.
+            Verification is never off unless a context says so (then a WARNING is logged).
+        trust_env: read ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (default True), as
+            ``requests`` and ``httpx`` do.
+        before_send: ``before_send(signal) -> signal | None``, called in the caller's thread
+            for each accepted signal with a plain dict (``type``, ``payload``,
+            ``floatValue``, ``sessionID``, ``isTestMode``; ``payload`` holds your keys and
+            ``default_payload``, not the SDK's ``TelemetryDeck.*`` keys). Return it, changed
+            or not, or None to drop it (counted in ``stats.dropped["before_send"]``). What it
+            returns is checked like a call's arguments; if it raises, the signal is kept as
+            it was and a WARNING is logged (rate-limited).
     """
 
     def __init__(
@@ -152,6 +169,10 @@ class TelemetryClient(Presets):
         payload_prefix: str | None = None,
         default_user_file: str | os.PathLike[str] | None = None,
         enabled: bool = True,
+        proxy: str | None = None,
+        ssl: str | os.PathLike[str] | _ssl.SSLContext | None = None,
+        trust_env: bool = True,
+        before_send: BeforeSend | None = None,
     ) -> None:
         self._config = config = ClientConfig(
             app_id=app_id,
@@ -181,6 +202,10 @@ class TelemetryClient(Presets):
             default_user_file=default_user_file,
             enabled=enabled,
             base_url=base_url,
+            proxy=proxy,
+            ssl=ssl,
+            trust_env=trust_env,
+            before_send=before_send,
         )
         self._enabled = config.enabled and not disabled_by_env()
         self._session_id = config.session_id or str(uuid.uuid4())
@@ -190,10 +215,11 @@ class TelemetryClient(Presets):
         # The base payload of every signal, built once: the (prefixed) default payload, then
         # the SDK parameters, which nothing can override. Signals share this dict when the
         # call has no payload of its own (signals never mutate their payload).
-        self._default_payload: dict[str, PayloadValue] = {
+        self._caller_defaults: dict[str, PayloadValue] = {
             prefix + key: value for key, value in config.default_payload.items()
         }
-        self._default_payload.update(sdk_parameters(config.app_version))
+        self._sdk_payload = sdk_parameters(config.app_version)
+        self._default_payload = {**self._caller_defaults, **self._sdk_payload}
         # ...and encoded once: each signal then carries only its own keys, and the encoder
         # writes this fragment in front of them. The caller's default keys are the only ones
         # a call may override (SDK keys cannot be set by callers): such a call merges instead.
@@ -204,6 +230,8 @@ class TelemetryClient(Presets):
         if not self._enabled:
             self._default_user = _DISABLED_USER
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
+        # A disabled client never calls the hook: it sends nothing, so there is nothing to vet.
+        self._before_send = config.before_send if self._enabled else None
         self._new_pipeline()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -241,6 +269,9 @@ class TelemetryClient(Presets):
             config.endpoint_url,
             config.request_timeout,
             max_connections=config.max_concurrent_requests,
+            proxy=config.proxy,
+            ssl=config.ssl,
+            trust_env=config.trust_env,
         )
 
     @classmethod
@@ -498,7 +529,8 @@ class TelemetryClient(Presets):
         float_value: float | None,
         test_mode: bool | None,
         params: dict[str, PayloadValue] | None = None,
-    ) -> Signal:
+    ) -> Signal | None:
+        # None only when before_send dropped the signal (already counted).
         # ``params``: the TelemetryDeck keys of a preset, already validated. Only presets pass
         # them, and only they may use a reserved type (they never pass a caller's unchecked one).
         if params is None:
@@ -525,16 +557,10 @@ class TelemetryClient(Presets):
             if self._payload_prefix:
                 prefix = self._payload_prefix
                 own = {prefix + key: value for key, value in own.items()}
-            if self._overridable and not self._overridable.isdisjoint(own):
-                # The call overrides a default key: one merged dict, in the reference order.
-                own = {**self._default_payload, **own}
-                shared = None
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             own = _NO_PAYLOAD
-        if params:
-            own = {**own, **params}
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -547,6 +573,26 @@ class TelemetryClient(Presets):
             raise InvalidSignalError("session_id", "must be a non-empty str or None")
         elif not session_id.isascii():
             check_utf8("session_id", session_id)
+        if self._before_send is not None:  # the whole cost of the hook when none is set
+            vetted = self._run_before_send(
+                signal_type, hashed, session_id, test_mode, own, float_value
+            )
+            if vetted is None:
+                return None
+            signal_type, new_own, float_value = vetted
+            if new_own is not own:  # the hook replaced the payload: no shared fragment
+                own, shared = {**self._sdk_payload, **new_own}, None
+        if (
+            shared is not None
+            and own
+            and self._overridable
+            and not self._overridable.isdisjoint(own)
+        ):
+            # The call overrides a default key: one merged dict, in the reference order.
+            own = {**self._default_payload, **own}
+            shared = None
+        if params:
+            own = {**own, **params}
         signal = Signal(
             signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
         )
@@ -556,9 +602,93 @@ class TelemetryClient(Presets):
             if size > limit:
                 raise InvalidSignalError(
                     "payload",
-                    f"the signal encodes to {size} bytes, more than max_batch_bytes allows",
+                    f"the signal encodes to {size} bytes, more than the {limit + 2} bytes "
+                    f"max_batch_bytes allows for one request; send less (large values belong "
+                    f"in your own storage, with an id in the payload) or raise max_batch_bytes",
                 )
         return signal
+
+    def _run_before_send(
+        self,
+        signal_type: str,
+        hashed: str,
+        session_id: str,
+        test_mode: bool,
+        own: Mapping[str, PayloadValue],
+        float_value: float | None,
+    ) -> tuple[str, Mapping[str, PayloadValue], float | None] | None:
+        """Show the signal to ``before_send``: the type, payload and floatValue to send, or None.
+
+        The payload returned is ``own`` itself when the hook left it alone, so the caller keeps
+        the shared fragment; None means the hook dropped the signal (already counted).
+        """
+        hook = self._before_send
+        assert hook is not None
+        shown = {**self._caller_defaults, **own} if self._caller_defaults else dict(own)
+        before = shown.copy()  # the hook may change the dict in place
+        view: dict[str, Any] = {
+            "type": signal_type,
+            "payload": shown,
+            "floatValue": float_value,
+            "sessionID": session_id,
+            "isTestMode": test_mode,
+        }
+        try:
+            result = hook(view)
+        except Exception as exc:
+            self._accounting.warnings.log(
+                logging.WARNING,
+                "before_send",
+                "the before_send hook raised %s; the signal is sent unchanged",
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            return signal_type, own, float_value
+        if result is None:
+            app_id = self._config.app_id
+            self._count_hook_drop(lambda: [{"appID": app_id, "clientUser": hashed, **view}])
+            return None
+        if type(result) is not dict:
+            raise InvalidSignalError(
+                "before_send",
+                f"must return the signal dict or None, got {type(result).__name__}",
+            )
+        new_type = result.get("type")
+        new_payload = result.get("payload")
+        new_float = result.get("floatValue")
+        same_payload = new_payload is shown and shown == before
+        if new_type is signal_type and new_float is float_value and same_payload:
+            return signal_type, own, float_value  # unchanged: the common case stays cheap
+        try:
+            if new_type != signal_type:
+                signal_type = validate_type(new_type)
+            if new_float is not float_value:
+                float_value = None if new_float is None else validate_float_value(new_float)
+            if not same_payload:
+                own = normalize_payload({} if new_payload is None else new_payload)
+        except InvalidSignalError as exc:
+            field = {"float_value": "floatValue"}.get(exc.field, exc.field)
+            raise InvalidSignalError(f"{field} (returned by before_send)", exc.reason) from None
+        return signal_type, own, float_value
+
+    def _count_hook_drop(self, bodies: Callable[[], list[dict[str, Any]]]) -> None:
+        """Count a signal ``before_send`` dropped: accepted, then dropped, on the loop."""
+
+        def record() -> None:
+            self._accounting.enqueued += 1
+            self._accounting.record_dropped("before_send", 1, bodies)
+
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            # Another thread (signal_threadsafe): the counters belong to the loop's thread.
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody else counts
+                loop.call_soon_threadsafe(record)
+                return
+        record()
 
     def _resolve_default_user(self) -> str:
         # Once per client, on the first signal that names no user: a small file read (and on
@@ -571,9 +701,9 @@ class TelemetryClient(Presets):
         self._default_user = user
         if created:
             # A new installation, as the official SDKs report on first launch.
-            self._enqueue_anywhere(
-                self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {})
-            )
+            signal = self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {})
+            if signal is not None:
+                self._enqueue_anywhere(signal)
         return user
 
     def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
@@ -771,7 +901,8 @@ class TelemetryClient(Presets):
                 "TelemetryClient(...)' or 'await client.start()' on the loop that owns it first"
             )
         signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
-        self._enqueue_anywhere(signal)
+        if signal is not None:
+            self._enqueue_anywhere(signal)
 
     def _enqueue_anywhere(self, signal: Signal) -> None:
         """Enqueue on the loop thread directly, from any other thread through the loop."""

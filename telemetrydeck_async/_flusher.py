@@ -40,6 +40,7 @@ from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
     AuthenticationError,
+    CertificateError,
     DeliveryError,
     PayloadTooLargeError,
     RejectedError,
@@ -324,7 +325,7 @@ class Flusher:
                 return batch.split()  # bisect: one bad signal must not sink the others
             self.accounting.record_error(exc)
             self._drop(batch, "rejected", exc.body[:200])
-        except AuthenticationError as exc:
+        except (AuthenticationError, CertificateError) as exc:
             self.accounting.record_error(exc)
             self._on_auth_failure(exc)
             await self._keep(batch)
@@ -404,8 +405,16 @@ class Flusher:
             wait,
         )
 
-    def _on_auth_failure(self, exc: AuthenticationError) -> None:
-        if self._auth_failed_at is None:
+    def _on_auth_failure(self, exc: AuthenticationError | CertificateError) -> None:
+        if self._auth_failed_at is not None:
+            pass
+        elif isinstance(exc, CertificateError):
+            log.error(
+                "%s. Signals are kept and the endpoint will be probed every %g s.",
+                exc,
+                self.config.retry.auth_probe_interval,
+            )
+        else:
             log.error(
                 "the ingest endpoint refused app ID %r (namespace %r) with HTTP %d: check the "
                 "app ID and namespace in the TelemetryDeck dashboard. Signals are kept and the "
@@ -492,7 +501,16 @@ class Flusher:
                 durability=config.durability,
             )
         except Exception as exc:  # never into the app: carry on memory-only
-            log.exception("could not open the spool in %s; memory only", directory)
+            # One line that says what to do; the traceback only at DEBUG.
+            log.warning(
+                "cannot use spool_dir %r (%s: %s); running memory-only, so signals that "
+                "cannot be sent are dropped. Fix: make the directory writable by this "
+                "process, or pass a writable spool_dir (a volume in a container)",
+                directory,
+                type(exc).__name__,
+                exc,
+            )
+            log.debug("the spool failed to open", exc_info=exc)
             self.accounting.record_error(exc)
             return None
         self.spool = spool

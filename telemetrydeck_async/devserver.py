@@ -46,6 +46,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -414,6 +415,8 @@ class IngestEmulator:
     #: Print one line per ingest request to stdout.
     echo: bool = False
     shutdown_timeout: float = 0.5
+    #: Serve HTTPS with this server context (None: plain HTTP).
+    ssl_context: ssl.SSLContext | None = None
 
     #: Every accepted signal, in arrival order (duplicates included).
     signals: list[dict[str, Any]] = attrs.field(init=False, factory=list)
@@ -446,11 +449,12 @@ class IngestEmulator:
 
     @property
     def base_url(self) -> str:
-        """``http://HOST:PORT`` to hand to a client as its base URL."""
+        """``http://HOST:PORT`` (``https://`` with ``ssl_context``) to hand to a client."""
         if self.port == 0:
             raise RuntimeError("the emulator picks its port on start(); start it first")
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -466,7 +470,13 @@ class IngestEmulator:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+            site = web.TCPSite(
+                runner,
+                self._host,
+                self._port,
+                reuse_address=True,
+                ssl_context=self.ssl_context,
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
