@@ -624,8 +624,13 @@ class TelemetryClient(Presets):
         """
         hook = self._before_send
         assert hook is not None
-        shown = {**self._caller_defaults, **own} if self._caller_defaults else dict(own)
-        before = shown.copy()  # the hook may change the dict in place
+        if self._caller_defaults:
+            shown = {**self._caller_defaults, **own}
+        elif type(own) is dict:
+            shown = own  # this call's own fresh dict: no copy needed to show it
+        else:
+            shown = {}
+        before = shown.copy()  # the hook may change the dict in place: compare afterwards
         view: dict[str, Any] = {
             "type": signal_type,
             "payload": shown,

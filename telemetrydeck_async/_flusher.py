@@ -45,11 +45,22 @@ from .exceptions import (
     PayloadTooLargeError,
     RejectedError,
     RetryableStatusError,
+    SpoolError,
 )
 
-__all__ = ["Flusher"]
+__all__ = ["Flusher", "describe_wait"]
 
 log = logging.getLogger("telemetrydeck_async")
+
+
+def describe_wait(seconds: float) -> str:
+    """A wait for people: ``"40 ms"`` below a second (never ``"0.0 s"``), else ``"2.5 s"``."""
+    if seconds < 0.0005:
+        return "no wait"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s"
+
 
 # Statuses that mean "the server as a whole is overloaded": every request waits, not just one.
 _PAUSING_STATUSES = frozenset({429, 503})
@@ -374,9 +385,9 @@ class Flusher:
             self.accounting.warnings.log(
                 logging.WARNING,
                 "pause",
-                "ingest endpoint answered %d; pausing all requests for %.1f s",
+                "ingest endpoint answered %d; pausing all requests for %s",
                 exc.status,
-                wait,
+                describe_wait(wait),
             )
 
     async def _wait_out_pause(self) -> None:
@@ -400,9 +411,17 @@ class Flusher:
         self.accounting.warnings.log(
             logging.WARNING,
             f"retry:{type(exc).__name__}",
-            "request to the ingest endpoint failed (%s); retrying in %.1f s",
+            "request to the ingest endpoint failed (%s); retrying in %s",
             exc,
-            wait,
+            describe_wait(wait),
+        )
+        # Every retry at DEBUG (the WARNING above is rate-limited); `event` lets a handler,
+        # such as the demo's, pick these out without parsing the text.
+        log.debug(
+            "request failed (%s); retrying in %s",
+            exc,
+            describe_wait(wait),
+            extra={"telemetrydeck_event": "retry", "telemetrydeck_wait": wait},
         )
 
     def _on_auth_failure(self, exc: AuthenticationError | CertificateError) -> None:
@@ -501,18 +520,13 @@ class Flusher:
                 durability=config.durability,
             )
         except Exception as exc:  # never into the app: carry on memory-only
-            # One line that says what to do; the traceback only at DEBUG.
-            log.warning(
-                "cannot use spool_dir %r (%s: %s); running memory-only, so signals that "
-                "cannot be sent are dropped. Fix: make the directory writable by this "
-                "process, or pass a writable spool_dir (a volume in a container)",
-                directory,
-                type(exc).__name__,
-                exc,
-            )
-            log.debug("the spool failed to open", exc_info=exc)
+            log.exception("could not open the spool in %s; memory only", directory)
             self.accounting.record_error(exc)
             return None
+        if spool.disabled:  # the spool logged why; stats.last_error says it too
+            self.accounting.record_error(
+                SpoolError(f"spool_dir {directory!r} cannot be used; running memory only")
+            )
         self.spool = spool
         await self._read_spool_figures(spool)
         return spool
