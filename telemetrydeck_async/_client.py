@@ -573,15 +573,46 @@ class TelemetryClient(Presets):
             raise InvalidSignalError("session_id", "must be a non-empty str or None")
         elif not session_id.isascii():
             check_utf8("session_id", session_id)
-        if self._before_send is not None:  # the whole cost of the hook when none is set
-            vetted = self._run_before_send(
-                signal_type, hashed, session_id, test_mode, own, float_value
-            )
-            if vetted is None:
-                return None
-            signal_type, new_own, float_value = vetted
-            if new_own is not own:  # the hook replaced the payload: no shared fragment
-                own, shared = {**self._sdk_payload, **new_own}, None
+        hook = self._before_send
+        if hook is not None:  # the whole cost of the hook when none is set
+            # Inline, not a method: a hook that changes nothing must stay cheap (benchmarks/).
+            # The hook may change the payload in place: it gets a copy, and what it returns is
+            # compared with the checked original (one small copy; comparing with the caller's
+            # argument instead would let a changed value skip the checks).
+            defaults = self._caller_defaults
+            shown = {**defaults, **own} if defaults else dict(own)
+            reference = shown.copy() if defaults else own
+            view: dict[str, Any] = {
+                "type": signal_type,
+                "payload": shown,
+                "floatValue": float_value,
+                "sessionID": session_id,
+                "isTestMode": test_mode,
+            }
+            try:
+                result = hook(view)
+            except Exception as exc:
+                self._accounting.warnings.log(
+                    logging.WARNING,
+                    "before_send",
+                    "the before_send hook raised %s; the signal is sent unchanged",
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+            else:
+                if not (
+                    result is view
+                    and view.get("type") is signal_type
+                    and view.get("floatValue") is float_value
+                    and view.get("payload") is shown
+                    and shown == reference
+                ):
+                    vetted = self._vet(result, view, signal_type, shown, reference, hashed)
+                    if vetted is None:
+                        return None
+                    signal_type, new_payload, float_value = vetted
+                    if new_payload is not None:  # replaced: no shared fragment
+                        own, shared = {**self._sdk_payload, **new_payload}, None
         if (
             shared is not None
             and own
@@ -608,47 +639,20 @@ class TelemetryClient(Presets):
                 )
         return signal
 
-    def _run_before_send(
+    def _vet(
         self,
-        signal_type: str,
+        result: object,
+        view: dict[str, Any],
+        original_type: str,
+        shown: dict[str, PayloadValue],
+        reference: Mapping[str, PayloadValue],
         hashed: str,
-        session_id: str,
-        test_mode: bool,
-        own: Mapping[str, PayloadValue],
-        float_value: float | None,
-    ) -> tuple[str, Mapping[str, PayloadValue], float | None] | None:
-        """Show the signal to ``before_send``: the type, payload and floatValue to send, or None.
+    ) -> tuple[str, dict[str, PayloadValue] | None, float | None] | None:
+        """Check what ``before_send`` returned: type, new payload (None: unchanged), floatValue.
 
-        The payload returned is ``own`` itself when the hook left it alone, so the caller keeps
-        the shared fragment; None means the hook dropped the signal (already counted).
+        None when the hook dropped the signal (counted here). A bad result raises
+        ``InvalidSignalError`` naming the field, as the same value in a call would.
         """
-        hook = self._before_send
-        assert hook is not None
-        if self._caller_defaults:
-            shown = {**self._caller_defaults, **own}
-        elif type(own) is dict:
-            shown = own  # this call's own fresh dict: no copy needed to show it
-        else:
-            shown = {}
-        before = shown.copy()  # the hook may change the dict in place: compare afterwards
-        view: dict[str, Any] = {
-            "type": signal_type,
-            "payload": shown,
-            "floatValue": float_value,
-            "sessionID": session_id,
-            "isTestMode": test_mode,
-        }
-        try:
-            result = hook(view)
-        except Exception as exc:
-            self._accounting.warnings.log(
-                logging.WARNING,
-                "before_send",
-                "the before_send hook raised %s; the signal is sent unchanged",
-                type(exc).__name__,
-                exc_info=exc,
-            )
-            return signal_type, own, float_value
         if result is None:
             app_id = self._config.app_id
             self._count_hook_drop(lambda: [{"appID": app_id, "clientUser": hashed, **view}])
@@ -658,23 +662,22 @@ class TelemetryClient(Presets):
                 "before_send",
                 f"must return the signal dict or None, got {type(result).__name__}",
             )
-        new_type = result.get("type")
+        signal_type: Any = result.get("type")
         new_payload = result.get("payload")
-        new_float = result.get("floatValue")
-        same_payload = new_payload is shown and shown == before
-        if new_type is signal_type and new_float is float_value and same_payload:
-            return signal_type, own, float_value  # unchanged: the common case stays cheap
+        float_value = result.get("floatValue")
         try:
-            if new_type != signal_type:
-                signal_type = validate_type(new_type)
-            if new_float is not float_value:
-                float_value = None if new_float is None else validate_float_value(new_float)
-            if not same_payload:
-                own = normalize_payload({} if new_payload is None else new_payload)
+            if signal_type != original_type:  # a preset's reserved type may stay as it is
+                signal_type = validate_type(signal_type)
+            if float_value is not None:
+                float_value = validate_float_value(float_value)
+            if new_payload is shown and shown == reference:
+                payload = None
+            else:
+                payload = normalize_payload({} if new_payload is None else new_payload)
         except InvalidSignalError as exc:
             field = {"float_value": "floatValue"}.get(exc.field, exc.field)
             raise InvalidSignalError(f"{field} (returned by before_send)", exc.reason) from None
-        return signal_type, own, float_value
+        return signal_type, payload, float_value
 
     def _count_hook_drop(self, bodies: Callable[[], list[dict[str, Any]]]) -> None:
         """Count a signal ``before_send`` dropped: accepted, then dropped, on the loop."""

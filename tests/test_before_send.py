@@ -213,3 +213,21 @@ def test_before_send_must_be_callable() -> None:
     """A non-callable is refused at construction, naming the option."""
     with pytest.raises(ConfigurationError, match="before_send"):
         TelemetryClient("app", before_send="scrub")  # type: ignore[arg-type]
+
+
+async def test_a_preset_keeps_its_reserved_type_when_the_hook_changes_its_payload(
+    make_client: ClientFactory, emulator: IngestEmulator
+) -> None:
+    """The hook may add a key to a preset; the TelemetryDeck type and keys stay."""
+
+    def tag(signal: dict[str, Any]) -> dict[str, Any]:
+        signal["payload"]["Tagged"] = "yes"
+        return signal
+
+    async with make_client(before_send=tag) as td:
+        await td.core_feature_used("Export")
+        await td.flush(timeout=20)
+    (sent,) = emulator.signals
+    assert sent["type"] == "TelemetryDeck.Activation.coreFeatureUsed"
+    assert sent["payload"]["Tagged"] == "yes"
+    assert sent["payload"]["TelemetryDeck.Activation.featureName"] == "Export"
