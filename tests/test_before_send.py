@@ -231,3 +231,19 @@ async def test_a_preset_keeps_its_reserved_type_when_the_hook_changes_its_payloa
     assert sent["type"] == "TelemetryDeck.Activation.coreFeatureUsed"
     assert sent["payload"]["Tagged"] == "yes"
     assert sent["payload"]["TelemetryDeck.Activation.featureName"] == "Export"
+
+
+async def test_renaming_only_the_type_keeps_the_payload(
+    make_client: ClientFactory, emulator: IngestEmulator
+) -> None:
+    """A hook that changes only the type: the payload goes out as the call gave it."""
+
+    def rename(signal: dict[str, Any]) -> dict[str, Any]:
+        return {**signal, "type": "New.name"}
+
+    async with make_client(before_send=rename, default_payload={"App.region": "eu"}) as td:
+        await td.signal("Old.name", payload={"Cart.items": 2})
+        await td.flush(timeout=20)
+    (sent,) = emulator.signals
+    assert sent["type"] == "New.name"
+    assert sent["payload"] == {**sdk_parameters(), "App.region": "eu", "Cart.items": 2}

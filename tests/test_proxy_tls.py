@@ -315,3 +315,24 @@ async def test_loopback_endpoint_bypasses_a_configured_proxy(
             result = await td.flush(timeout=20)
     assert result.sent == 3
     assert proxy.records == []
+
+
+def test_ssl_takes_a_directory_of_ca_certificates(tmp_path: Path) -> None:
+    """A directory is loaded as a CA path (hashed certificates), like OpenSSL's -CApath."""
+    td = TelemetryClient("app", ssl=tmp_path, enabled=False)
+    assert isinstance(td.config.ssl, ssl.SSLContext)
+
+
+def test_ssl_of_another_type_names_what_to_pass() -> None:
+    """ssl=3: the message names both accepted kinds and the type given."""
+    with pytest.raises(ConfigurationError, match=r"CA bundle path or an ssl\.SSLContext, got int"):
+        TelemetryClient("app", ssl=3)  # type: ignore[arg-type]
+
+
+def test_an_ipv6_proxy_keeps_its_brackets() -> None:
+    """http://[fd00::1]:3128 stays a valid URL once the credentials are taken out."""
+    route = resolve_proxy(
+        "https://nom.example.com/", "http://u:p@[fd00::1]:3128", trust_env=True, environ={}
+    )
+    assert route is not None
+    assert route.url == "http://[fd00::1]:3128"
