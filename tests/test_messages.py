@@ -147,3 +147,14 @@ async def test_the_demo_shows_the_outage_and_each_retry_as_it_happens() -> None:
     assert "0.0 s" not in out
     assert "all 1000 signals delivered" in out
     assert "Traceback" not in out + err
+
+
+def test_troubleshooting_explains_every_drop_reason() -> None:
+    """Each reason in DROP_REASONS has a row saying what to change."""
+    from telemetrydeck_async import DROP_REASONS
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "troubleshooting.md"
+    if not page.is_file():
+        pytest.skip("no docs/ (an sdist without them)")
+    rows = re.findall(r"^\| `(\w+)` \|", page.read_text("utf-8"), re.MULTILINE)
+    assert sorted(rows) == sorted(DROP_REASONS)
