@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ._client import TelemetryClient
 from ._flusher import describe_wait
@@ -171,7 +172,10 @@ def _parse_payload(items: Sequence[str]) -> dict[str, str | int | float | bool]:
 
 
 async def _send(args: argparse.Namespace) -> int:
-    options = {"base_url": args.base_url} if args.base_url else {}
+    options: dict[str, Any] = {}
+    for option in ("base_url", "proxy", "ssl"):
+        if getattr(args, option):
+            options[option] = getattr(args, option)
     async with TelemetryClient(
         args.app_id,
         namespace=args.namespace,
@@ -233,6 +237,16 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--test-mode", action="store_true", help="mark the signal as test data")
     send.add_argument("--base-url", help="ingest server (default: TelemetryDeck's)")
     send.add_argument("--timeout", type=float, default=15.0, help="seconds to try (15)")
+    send.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="http://[user:password@]host:port (default: HTTPS_PROXY / NO_PROXY)",
+    )
+    send.add_argument(
+        "--ssl",
+        metavar="CA_BUNDLE",
+        help="a PEM file of CA certificates to trust (a private CA, a TLS-inspecting proxy)",
+    )
 
     devserver = commands.add_parser("devserver", help="run the local ingest emulator")
     add_devserver_arguments(devserver)

@@ -27,6 +27,7 @@ from telemetrydeck_async.devserver import IngestEmulator
 
 from ._proxy import ForwardProxy
 from .conftest import FAST_RETRY
+from .test_cli import run_cli
 
 HOST = "ingest.test"
 #: Gives up after about a second: for the cases that are meant to fail.
@@ -336,3 +337,18 @@ def test_an_ipv6_proxy_keeps_its_brackets() -> None:
     )
     assert route is not None
     assert route.url == "http://[fd00::1]:3128"
+
+
+async def test_the_send_command_takes_a_ca_bundle(
+    tls_emulator: IngestEmulator, ca_file: str, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """``send --ssl CA`` delivers over TLS; without it, a non-zero exit naming the certificate."""
+    url = f"https://localhost:{tls_emulator.port}"
+    common = ["send", "Cli.tls", "--app-id", "A", "--namespace", "com.example", "--base-url", url]
+    code, _, err = await run_cli(*common, "--ssl", ca_file)
+    assert code == 0, err
+    assert len(tls_emulator.signals) == 1
+    code, _, err = await run_cli(*common, "--timeout", "3")
+    assert code == 1
+    assert "CertificateError" in err
+    assert len(tls_emulator.signals) == 1
