@@ -557,10 +557,16 @@ class TelemetryClient(Presets):
             if self._payload_prefix:
                 prefix = self._payload_prefix
                 own = {prefix + key: value for key, value in own.items()}
+            if self._overridable and not self._overridable.isdisjoint(own):
+                # The call overrides a default key: one merged dict, in the reference order.
+                own = {**self._default_payload, **own}
+                shared = None
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             own = _NO_PAYLOAD
+        if params:
+            own = {**own, **params}
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -580,8 +586,13 @@ class TelemetryClient(Presets):
             # compared with the checked original (one small copy; comparing with the caller's
             # argument instead would let a changed value skip the checks).
             defaults = self._caller_defaults
-            shown = {**defaults, **own} if defaults else dict(own)
-            reference = shown.copy() if defaults else own
+            if shared is not None and not params:
+                shown = {**defaults, **own} if defaults else dict(own)
+                reference = shown.copy() if defaults else own
+            else:  # own holds SDK or preset keys too: show only the caller's
+                mine = {k: v for k, v in own.items() if not k.startswith(SDK_KEY_PREFIX)}
+                shown = mine if shared is None else {**defaults, **mine}
+                reference = shown.copy()
             view: dict[str, Any] = {
                 "type": signal_type,
                 "payload": shown,
@@ -612,18 +623,7 @@ class TelemetryClient(Presets):
                         return None
                     signal_type, new_payload, float_value = vetted
                     if new_payload is not None:  # replaced: no shared fragment
-                        own, shared = {**self._sdk_payload, **new_payload}, None
-        if (
-            shared is not None
-            and own
-            and self._overridable
-            and not self._overridable.isdisjoint(own)
-        ):
-            # The call overrides a default key: one merged dict, in the reference order.
-            own = {**self._default_payload, **own}
-            shared = None
-        if params:
-            own = {**own, **params}
+                        own, shared = {**self._sdk_payload, **new_payload, **(params or {})}, None
         signal = Signal(
             signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
         )

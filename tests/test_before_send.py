@@ -247,3 +247,21 @@ async def test_renaming_only_the_type_keeps_the_payload(
     (sent,) = emulator.signals
     assert sent["type"] == "New.name"
     assert sent["payload"] == {**sdk_parameters(), "App.region": "eu", "Cart.items": 2}
+
+
+async def test_a_call_overriding_a_default_key_is_shown_without_sdk_keys(
+    make_client: ClientFactory, emulator: IngestEmulator
+) -> None:
+    """The merged case: the hook sees the call's value for the default key, no SDK keys."""
+    seen: list[dict[str, Any]] = []
+
+    def look(signal: dict[str, Any]) -> dict[str, Any]:
+        seen.append(dict(signal["payload"]))
+        return signal
+
+    async with make_client(before_send=look, default_payload={"App.region": "eu"}) as td:
+        await td.signal("Region.set", payload={"App.region": "us", "Other": 1})
+        await td.flush(timeout=20)
+    assert seen == [{"App.region": "us", "Other": 1}]
+    (sent,) = emulator.signals
+    assert sent["payload"] == {**sdk_parameters(), "App.region": "us", "Other": 1}
