@@ -352,3 +352,19 @@ async def test_the_send_command_takes_a_ca_bundle(
     assert code == 1
     assert "CertificateError" in err
     assert len(tls_emulator.signals) == 1
+
+
+async def test_through_a_proxy_an_untrusted_certificate_keeps_the_signals(
+    tls_emulator: IngestEmulator, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """Behind a proxy without the CA (a TLS-inspecting proxy's case): CertificateError, kept."""
+    async with ForwardProxy(hosts={HOST: "127.0.0.1"}) as proxy:
+        td = _client(f"https://{HOST}:{tls_emulator.port}", proxy=proxy.url)
+        async with td:
+            await _send_three(td)
+            await td.flush(timeout=20)
+            stats = td.stats
+    assert stats.last_error is not None
+    assert stats.last_error.type == CertificateError.__name__
+    assert (stats.parked, stats.sent, stats.dropped_total) == (3, 0, 0)
+    assert [r.method for r in proxy.records] == ["CONNECT"]
