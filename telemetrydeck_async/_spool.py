@@ -1648,15 +1648,19 @@ class _Worker:
     def _disable(self, detail: str, exc: BaseException | None) -> None:
         self.disabled = True
         self.last_error = f"the spool is disabled ({detail})"
+        # One line that says what to do: a permission or path problem needs no traceback
+        # (it is at DEBUG for the unexpected cases).
         self.reporter.problem(
             "disabled",
-            logging.ERROR,
-            "spool directory %s cannot be used (%s); continuing without a disk spool:"
-            " unsent signals are kept in memory only",
+            logging.WARNING,
+            "spool directory %s cannot be used (%s); running memory only, so signals that "
+            "cannot be sent are dropped. Fix: make that directory writable by this process, "
+            "or set spool_dir to a writable one (in a container: a mounted volume)",
             self.store.settings.directory,
             detail,
-            exc=exc,
         )
+        if exc is not None:
+            _log.debug("the spool could not open", exc_info=exc)
 
     def _run_once(self) -> _Stop | None:
         store = self.store

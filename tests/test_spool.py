@@ -36,6 +36,9 @@ from telemetrydeck_async._spool import (
 )
 from telemetrydeck_async.exceptions import ConfigurationError, SpoolError
 
+#: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
+pytestmark = pytest.mark.core
+
 WORKER = Path(__file__).with_name("spool_worker.py")
 LOGGER = "telemetrydeck_async"
 
