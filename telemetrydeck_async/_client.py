@@ -42,7 +42,10 @@ from ._signal import (
     UserHasher,
     check_utf8,
     encode_signal,
+    new_signal,
     normalize_payload,
+    normalize_sized,
+    size_bound,
     validate_float_value,
     validate_type,
 )
@@ -520,21 +523,27 @@ class TelemetryClient(Presets):
         hashed = self._hash_user(user)
         shared: SharedPayload | None = self._shared
         own: Mapping[str, PayloadValue]
+        # The characters of the own payload, for the size bound below; -1 where the payload
+        # was rebuilt (prefix, merge, preset keys) and the signal adds them up itself.
+        chars = 0
         if payload:
-            own = normalize_payload(payload)
+            own, chars = normalize_sized(payload)
             if self._payload_prefix:
                 prefix = self._payload_prefix
                 own = {prefix + key: value for key, value in own.items()}
+                chars = -1
             if self._overridable and not self._overridable.isdisjoint(own):
                 # The call overrides a default key: one merged dict, in the reference order.
                 own = {**self._default_payload, **own}
                 shared = None
+                chars = -1
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             own = _NO_PAYLOAD
         if params:
             own = {**own, **params}
+            chars = -1
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -547,11 +556,16 @@ class TelemetryClient(Presets):
             raise InvalidSignalError("session_id", "must be a non-empty str or None")
         elif not session_id.isascii():
             check_utf8("session_id", session_id)
-        signal = Signal(
-            signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
+        signal = new_signal(
+            Signal,
+            (signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared),
         )
         limit = self._config.max_batch_bytes - 2
-        if signal.max_encoded_size() > limit:
+        if (
+            size_bound(signal_type, session_id, chars, len(own), shared)
+            if chars >= 0
+            else signal.max_encoded_size()
+        ) > limit:
             size = len(encode_signal(signal, self._config.app_id))
             if size > limit:
                 raise InvalidSignalError(
