@@ -24,9 +24,21 @@ from typing import Any
 from ._common import HERE, Row, Sink, fmt, machine
 from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
 from .memory import memory
+from .peers import peers
+from .service import service
 from .spooling import spool_figures
 
-FIGURES = ("caller", "throughput", "stall", "memory", "burst", "spool", "shutdown")
+FIGURES = (
+    "caller",
+    "throughput",
+    "stall",
+    "memory",
+    "burst",
+    "spool",
+    "shutdown",
+    "peers",
+    "service",
+)
 
 
 def table(rows: list[Row]) -> str:
@@ -41,6 +53,21 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {row.figure} | {fmt(row.value, row.unit)} | {fmt(row.baseline, row.unit)} | "
             f"{'—' if ratio is None else f'{ratio:.2f}x'} | {row.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def peer_table(rows: list[Row]) -> str:
+    """The peers figure as its own table: one line per client, four figures each."""
+    lines = [
+        "| client | caller µs per call | delivered/s | CPU µs per event | dropped |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        x = row.extra
+        lines.append(
+            f"| {x['label']} | {x['caller_us']:.2f} | {x['rate']:,.0f} | {x['cpu_us']:.1f} | "
+            f"{x['dropped']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -69,6 +96,8 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
             "burst": with_sink(burst),
             "spool": with_sink(lambda s, sink: spool_figures(s.spool_n, sink)),
             "shutdown": with_sink(shutdown),
+            "peers": with_sink(peers),
+            "service": with_sink(service),
         }
         for name in FIGURES:
             if name not in only:
@@ -125,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     mach = info["machine"]
+    peer_rows = [row for row in rows if row.key.startswith("peers.")]
+    main_rows = [row for row in rows if not row.key.startswith("peers.")]
     print(
         f"## telemetrydeck-async benchmarks ({info['mode']}, {elapsed:.0f} s)\n\n"
         f"{mach['cpu']}, {mach['cores']} cores, {mach['python']}, {mach['os']}, "
         f"{info['date']}, load average at the end {mach['load_average']}\n\n"
-        f"{table(rows)}\n\n{notes(rows)}"
+        f"{table(main_rows)}\n\n{notes(main_rows)}"
     )
+    if peer_rows:
+        print(f"\n### The same workload through other clients\n\n{peer_table(peer_rows)}")
+        print("\n" + notes(peer_rows))
     if args.quick:
         print("\n(quick mode: tiny N, the numbers are only a smoke test)")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -284,17 +284,16 @@ class SharedPayload:
 
     items: Mapping[str, PayloadValue]
     fragment: str
-    #: ``len(fragment.encode())``: what the fragment adds to each signal, in bytes.
+    #: ``fragment`` as UTF-8, and its length: what it adds to each signal, in bytes.
+    fragment_bytes: bytes = b""
     size: int = 0
-    #: True when a value is a float (orjson would write it differently: the stdlib encodes).
-    has_float: bool = False
 
     @classmethod
     def of(cls, items: Mapping[str, PayloadValue]) -> SharedPayload:
         """Encode ``items`` once."""
         fragment = _encode_object(dict(items))[1:-1]
-        has_float = any(type(value) is float for value in items.values())
-        return cls(dict(items), fragment, len(fragment.encode()), has_float)
+        encoded = fragment.encode()
+        return cls(dict(items), fragment, encoded, len(encoded))
 
 
 class Signal(NamedTuple):
@@ -418,41 +417,62 @@ def _encode_payload(signal: Signal) -> str:
     return "{" + shared.fragment + "," + own[1:]
 
 
-def _encode_with_orjson(signal: Signal, app_id: str) -> bytes | None:
-    """The same bytes as the stdlib path, through orjson; None where they might differ.
+# The encoded start of a signal object, up to the opening quote of receivedAt, by (app ID, user
+# hash, session, type, test mode): a service sends the same few combinations again and again, so
+# each is written once. Bounded: cleared when full. A dict's get and set are atomic, so the
+# rare encode in another thread may share it.
+_HEADS: Final[dict[tuple[str, str, str, str, bool], bytes]] = {}
+_HEADS_MAX: Final = 4096
+
+
+def _new_head(key: tuple[str, str, str, str, bool]) -> bytes:
+    """Encode and cache ``{"appID":...,"isTestMode":...,"receivedAt":"`` for ``key``.
+
+    ``_json_str`` raises TypeError for a field that is not a str: the caller's reference path
+    then encodes or refuses it.
+    """
+    app_id, client_user, session_id, signal_type, test_mode = key
+    head = "".join(
+        (
+            '{"appID":',
+            _json_str(app_id),
+            ',"clientUser":',
+            _json_str(client_user),
+            ',"sessionID":',
+            _json_str(session_id),
+            ',"type":',
+            _json_str(signal_type),
+            ',"isTestMode":true,"receivedAt":"'
+            if test_mode
+            else ',"isTestMode":false,"receivedAt":"',
+        )
+    ).encode()
+    if len(_HEADS) >= _HEADS_MAX:
+        _HEADS.clear()
+    _HEADS[key] = head
+    return head
+
+
+def _payload_with_orjson(signal: Signal) -> bytes | None:
+    """The payload object through orjson; None where its bytes might differ from the stdlib's.
 
     orjson writes strings, ints and bools exactly as ``json.dumps(..., ensure_ascii=False)``
     but floats differently (``1e-7`` for ``1e-07``), so a payload holding a float is left to
-    the stdlib path; ``floatValue`` is written with Python's own ``repr`` here. A value orjson
-    refuses (a str subclass, an int past 64 bits) raises ``TypeError``: the caller then takes
-    the stdlib path, which encodes it or raises the reference error.
+    the stdlib. A value orjson refuses (a str subclass, an int past 64 bits, a lone surrogate)
+    raises ``TypeError``: the caller then takes the reference path, which encodes it or raises
+    the reference error. The shared keys were encoded once by the stdlib.
     """
     payload = signal.payload
-    shared = signal.shared
-    if shared is not None:
-        if shared.has_float:
-            return None
-        payload = {**shared.items, **payload}
-    if float in map(type, payload.values()):
-        return None
     dumps = _orjson_dumps
-    assert dumps is not None  # only called when orjson is installed
-    # One call for the whole object, in the reference's key order.
-    body = dumps(
-        {
-            "appID": app_id,
-            "clientUser": signal.client_user,
-            "sessionID": signal.session_id,
-            "type": signal.type,
-            "isTestMode": signal.test_mode,
-            "receivedAt": format_received_at(signal.received_at),
-            "payload": payload,
-        }
-    )
-    float_value = signal.float_value
-    if float_value is None:
-        return body
-    return body[:-1] + b',"floatValue":' + float.__repr__(float_value).encode() + b"}"
+    if dumps is None or float in map(type, payload.values()):
+        return None
+    own = dumps(payload)
+    shared = signal.shared
+    if shared is None or not shared.fragment:
+        return own
+    if own == b"{}":
+        return b"{" + shared.fragment_bytes + b"}"
+    return b"{" + shared.fragment_bytes + b"," + own[1:]
 
 
 def encode_signal(signal: Signal, app_id: str) -> bytes:
@@ -460,43 +480,30 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
 
     The result is byte for byte ``json.dumps(signal.to_json(app_id), separators=(",", ":"),
     ensure_ascii=False, allow_nan=False).encode()``. This runs once per signal in the flusher,
-    so the fixed fields are written directly (strings through the stdlib's own JSON string
-    encoder) and only the payload goes through the JSON encoder; anything unusual (a field
-    that is not of its declared type, a non-finite floatValue) takes the reference path, which
-    also raises the reference errors. With the ``fast`` extra (orjson) installed, signals whose
-    payload holds no float are encoded by orjson instead (about half the time; the same bytes).
+    so the fixed fields come from a cache of encoded heads, and only the payload goes through
+    a JSON encoder: orjson when the ``fast`` extra is installed and the payload holds no float,
+    else the stdlib's. Anything unusual (a field that is not of its declared type, a
+    non-finite floatValue) takes the reference path, which also raises the reference errors.
     """
-    test_mode = signal.test_mode
-    float_value = signal.float_value
+    type_, client_user, session_id, test_mode, _, float_value, received_at, _ = signal
     if type(test_mode) is bool and (
         float_value is None or (type(float_value) is float and math.isfinite(float_value))
     ):
         try:
-            if _orjson_dumps is not None:
-                fast = _encode_with_orjson(signal, app_id)
-                if fast is not None:
-                    return fast
-            return "".join(
+            key = (app_id, client_user, session_id, type_, test_mode)
+            head = _HEADS.get(key) or _new_head(key)
+            body = _payload_with_orjson(signal) or _encode_payload(signal).encode()
+            return b"".join(
                 (
-                    '{"appID":',
-                    _json_str(app_id),
-                    ',"clientUser":',
-                    _json_str(signal.client_user),
-                    ',"sessionID":',
-                    _json_str(signal.session_id),
-                    ',"type":',
-                    _json_str(signal.type),
-                    ',"isTestMode":true,"receivedAt":"'
-                    if test_mode
-                    else ',"isTestMode":false,"receivedAt":"',
-                    format_received_at(signal.received_at),
-                    '","payload":',
-                    _encode_payload(signal),
-                    "}"
+                    head,
+                    format_received_at(received_at).encode(),
+                    b'","payload":',
+                    body,
+                    b"}"
                     if float_value is None
-                    else f',"floatValue":{float.__repr__(float_value)}}}',
+                    else b',"floatValue":' + float.__repr__(float_value).encode() + b"}",
                 )
-            ).encode()
+            )
         except TypeError:  # a field that is not a str: let the reference path encode or refuse it
             pass
     return _ENCODER.encode(signal.to_json(app_id)).encode()
@@ -506,6 +513,8 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
 # and gmtime + strftime cost more than the rest of the formatting. A tuple, so that a reader
 # in another thread never sees the second of one pair with the text of another.
 _last_second: tuple[int, str] = (0, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(0)))
+# ".000Z" to ".999Z": indexing a table is cheaper than formatting the milliseconds each time.
+_MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
 def format_received_at(unix_time: float) -> str:
@@ -517,7 +526,9 @@ def format_received_at(unix_time: float) -> str:
     if seconds != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _last_second = (seconds, text)
-    return f"{text}.{millis:03d}Z"
+    if 0 <= millis < 1000:
+        return text + _MILLIS[millis]
+    return f"{text}.{millis:03d}Z"  # before 1970: as the reference formats it
 
 
 @attrs.define
@@ -530,20 +541,21 @@ class UserHasher:
 
     _salt: str = attrs.field(repr=False)
     _max_entries: int = 4096
-    _cache: dict[str, str] = attrs.field(factory=dict, repr=False)
+    #: user id -> hash, filled by calls; the client reads it directly on its hot path.
+    cache: dict[str, str] = attrs.field(factory=dict, repr=False)
 
     def __call__(self, user_id: object) -> str:
         """Return the lowercase hex SHA-256 of ``user_id + salt``."""
         if type(user_id) is not str:
             raise InvalidSignalError("client_user", f"must be a str, got {type(user_id).__name__}")
-        cached = self._cache.get(user_id)
+        cached = self.cache.get(user_id)
         if cached is not None:
             return cached
         if not user_id:
             raise InvalidSignalError("client_user", "must be a non-empty string")
         check_utf8("client_user", user_id)
         digest = hashlib.sha256((user_id + self._salt).encode()).hexdigest()
-        if len(self._cache) >= self._max_entries:
-            self._cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
-        self._cache[user_id] = digest
+        if len(self.cache) >= self._max_entries:
+            self.cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
+        self.cache[user_id] = digest
         return digest

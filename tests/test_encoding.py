@@ -101,21 +101,33 @@ def test_orjson_encoding_matches_json_dumps(signal: Signal, app_id: str) -> None
     try:
         expected = reference(signal, app_id)
     except UnicodeEncodeError:  # lone surrogates: orjson refuses them too (the stdlib raises)
-        with pytest.raises(TypeError):
-            signal_module._encode_with_orjson(signal, app_id)
+        with pytest.raises(UnicodeEncodeError):
+            encode_signal(signal, app_id)
         return
-    assert signal_module._encode_with_orjson(signal, app_id) == expected
+    # No float in the payload and nothing orjson refuses: orjson writes the payload itself.
+    assert signal_module._payload_with_orjson(signal) is not None
+    assert encode_signal(signal, app_id) == expected
 
 
 def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
-    """A float in the payload (own or shared) is never encoded by orjson, whose format differs."""
+    """A float in the signal's own payload is never encoded by orjson, whose format differs."""
     if signal_module._orjson_dumps is None:
         pytest.skip("orjson is not installed (the 'fast' extra)")
     own = Signal("T", "u", "s", False, {"a": 1e-07}, None, 1.0)
-    shared = Signal("T", "u", "s", False, {"a": 1}, None, 1.0, SharedPayload.of({"b": 1e16}))
-    for signal in (own, shared):
-        assert signal_module._encode_with_orjson(signal, "app") is None
+    assert signal_module._payload_with_orjson(own) is None
+    assert encode_signal(own, "app") == reference(own, "app")
+    # Shared keys are encoded once by the stdlib: a float among them is written as it wrote it.
+    shared = Signal("T", "u", "s", False, {"a": 1}, 1e16, 1.0, SharedPayload.of({"b": 1e16}))
+    assert signal_module._payload_with_orjson(shared) is not None
+    assert encode_signal(shared, "app") == reference(shared, "app")
+
+
+def test_encoded_heads_cache_stays_bounded() -> None:
+    """Many distinct users never grow the cache of encoded signal heads past its bound."""
+    for n in range(signal_module._HEADS_MAX + 10):
+        signal = Signal("T", f"user-{n}", "s", False, {}, None, 1.0)
         assert encode_signal(signal, "app") == reference(signal, "app")
+    assert len(signal_module._HEADS) <= signal_module._HEADS_MAX
 
 
 @settings(max_examples=300, database=None)
