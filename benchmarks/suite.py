@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from . import chart
 from ._common import HERE, Row, Sink, fmt, machine
 from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
 from .memory import memory
@@ -129,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the results (default: benchmarks/results.json)",
     )
     parser.add_argument(
+        "--chart",
+        type=Path,
+        default=HERE / "results.svg",
+        help="where to draw the chart, .svg or .png (default: benchmarks/results.svg)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(FIGURES),
         help=f"comma-separated subset of: {','.join(FIGURES)}",
@@ -170,4 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nJSON written to {args.json}", file=sys.stderr)
+    why_not = chart.available()
+    if why_not is not None:
+        print(f"no chart: {why_not}", file=sys.stderr)
+    else:
+        title = f"telemetrydeck-async benchmarks ({info['mode']}), {info['date']}, {mach['cpu']}"
+        panels = chart.draw(rows, args.chart, title)
+        if panels:
+            print(f"chart ({', '.join(panels)}) drawn to {args.chart}", file=sys.stderr)
+        else:
+            print("no chart: none of its figures ran (--only)", file=sys.stderr)
     return 1 if errors else 0
