@@ -83,7 +83,7 @@ def draw(rows: list[Row], path: Path, title: str) -> list[str]:
                 ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
                 ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             else:
-                ax.set_xlim(0, max(1.0, max(values)) * 1.15)  # room for the labels
+                ax.set_xlim(0, max(1.0, *values) * 1.15)  # room for the labels
             ax.bar_label(bars, fmt="%.3g" if panel == "caller" else "{:,.0f}", fontsize=8)
             ax.set_xlabel(xlabel, fontsize=9)
         elif panel == "service":
