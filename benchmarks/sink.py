@@ -42,9 +42,8 @@ class Counter:
         self.events += body.count(EVENT_MARKER)
         self.requests += 1
         if request.path.startswith("/v2/"):
-            # An empty 200 (as this sink always answered): the SDK and the baselines only look
-            # at the status. A body the SDK leaves unread would cost it its keep-alive
-            # connection (see docs/performance.md), which is not what these figures measure.
+            # An empty 200, as this sink always answered: the SDK and the baselines only look
+            # at the status.
             return web.Response(status=200)
         return web.json_response({"status": 1})  # the peers read a JSON answer
 
