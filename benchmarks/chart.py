@@ -119,7 +119,7 @@ def draw(rows: list[Row], path: Path, title: str) -> list[str]:
                 fontsize=9,
             )
         ax.tick_params(labelsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
