@@ -164,6 +164,8 @@ async def _posthog(sink: Sink, n: int) -> Outcome:
     from posthog.async_client import AsyncClient
 
     ph = AsyncClient("phc_bench", host=sink.base_url)
+    # It sets its logger to WARNING and logs every event it drops (a full queue): quiet it.
+    logging.getLogger("posthog").setLevel(logging.CRITICAL)
     try:
         ph.capture(SIGNAL_TYPE, distinct_id=USERS[0], properties=_props(0))
         await ph.flush()
