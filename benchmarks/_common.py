@@ -5,6 +5,11 @@ The workload is the same everywhere: signal type ``Bench.Signal.sent``, four dis
 engineer would write by hand without this SDK: build the wire dict (SHA-256 of user + salt, an
 ISO-8601 ``receivedAt``), ``list.append`` it, and POST 500 of them as one JSON array with a
 reused aiohttp session, at most two requests in flight (the SDK's default concurrency).
+
+The *same-bytes* baseline (issue 13) is the practical limit: it puts exactly the SDK's bytes on
+the wire at the SDK's defaults (100 per request, two in flight), with what a careful engineer
+would add by hand: the user hash cached per user, and the fastest JSON encoder available
+(orjson), or the stdlib's.
 """
 
 from __future__ import annotations
@@ -84,6 +89,42 @@ def wire_dict(i: int) -> dict[str, Any]:
 def encode_batch(items: Sequence[dict[str, Any]]) -> bytes:
     """The baseline's request body: one ``json.dumps`` of the whole list."""
     return json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+try:
+    from orjson import dumps as _orjson_dumps
+except ImportError:  # the `fast`/`bench` extra is not installed: only the stdlib baseline runs
+    _orjson_dumps = None
+
+#: Encoders of a request body by name; "orjson" only when it is installed.
+ENCODERS: dict[str, Any] = {"stdlib": encode_batch}
+if _orjson_dumps is not None:
+    ENCODERS["orjson"] = _orjson_dumps
+
+_hashes: dict[str, str] = {}
+
+
+def cached_hash(user: str) -> str:
+    """SHA-256 of user + salt, computed once per user (what a careful integration does)."""
+    digest = _hashes.get(user)
+    if digest is None:
+        digest = _hashes[user] = hashlib.sha256((user + SALT).encode()).hexdigest()
+    return digest
+
+
+def same_bytes_dict(i: int) -> dict[str, Any]:
+    """The same-bytes baseline's signal: the SDK's wire object, with the user hash cached."""
+    return {
+        "appID": APP_ID,
+        "clientUser": cached_hash(USERS[i & 3]),
+        "sessionID": SESSION_ID,
+        "type": SIGNAL_TYPE,
+        "isTestMode": False,
+        "receivedAt": dt.datetime.now(dt.timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "payload": {**SDK_PARAMETERS, "Bench.index": i, "Bench.plan": "pro", "Bench.flag": True},
+    }
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -235,22 +276,37 @@ class Sink:
                 proc.kill()
                 await proc.wait()
 
-    async def count(self) -> int:
-        """Signals received so far."""
+    async def count(self, what: str = "signals") -> int:
+        """Signals received so far (``"events"``: the peers' events)."""
         assert self._session is not None
         async with self._session.get(f"{self.base_url}/count") as response:
             data = await response.json()
-        return int(data["signals"])
+        return int(data[what])
 
 
 # ----------------------------------------------------------------------------- the baseline
 
 
 class BaselineSender:
-    """The hand-written integration: append wire dicts, POST every 500 as one JSON array."""
+    """The hand-written integration: append wire dicts, POST every ``batch`` as one JSON array.
 
-    def __init__(self, url: str) -> None:
+    The defaults are the first baseline (500 per request, a hash per call, ``json.dumps``);
+    ``same_bytes=True`` with ``batch=100`` and an encoder from :data:`ENCODERS` is the
+    same-bytes baseline.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch: int = BASELINE_BATCH,
+        encoder: str = "stdlib",
+        same_bytes: bool = False,
+    ) -> None:
         self.url = url
+        self.batch = batch
+        self.encode = ENCODERS[encoder]
+        self.build = same_bytes_dict if same_bytes else wire_dict
         self.buffer: list[dict[str, Any]] = []
         self._slots = asyncio.Semaphore(BASELINE_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -274,7 +330,7 @@ class BaselineSender:
     async def _post(self, items: list[dict[str, Any]]) -> None:
         try:
             assert self._session is not None
-            body = encode_batch(items)
+            body = self.encode(items)
             async with self._session.post(self.url, data=body) as response:
                 response.raise_for_status()
                 await response.read()
@@ -293,9 +349,11 @@ class BaselineSender:
 
     async def produce(self, start: int, n: int, *, yield_every: int = 0) -> None:
         """Build and queue signals ``start .. start+n``, sending every full batch."""
+        build = self.build
+        batch = self.batch
         for i in range(start, start + n):
-            self.buffer.append(wire_dict(i))
-            if len(self.buffer) >= BASELINE_BATCH:
+            self.buffer.append(build(i))
+            if len(self.buffer) >= batch:
                 await self.send_buffer()
             if yield_every and i % yield_every == 0:
                 await asyncio.sleep(0)

@@ -256,6 +256,11 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out["spill_dropped"] = dict(stats.dropped)
     clean, dirty = probe.lags_ms(gcw)
     own, _ = probe.lags_ms(gcw, own_work_only=True)
+    # Each probe sample as (seconds since the burst began, lag in ms), for the chart.
+    first = probe.samples[0][0] if probe.samples else 0.0
+    out["stall_series"] = [
+        (round(start - first, 4), round(lag * 1000, 3)) for start, _end, lag, _cpu in probe.samples
+    ]
     out["stall_p99"] = percentile(clean, 99)
     out["stall_max"] = max(clean, default=0.0)
     out["stall_own_p99"] = percentile(own, 99)
@@ -362,6 +367,7 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         "≤ 1 ms",
         note=f"max {client['stall_max']:.2f} ms; samples (no GC, GC) {client['stall_samples']}; "
         f"own CPU only: p99 {client['stall_own_p99']:.2f} ms",
+        extra={"series": client["stall_series"]},
     )
     stall.met = client["stall_p99"] <= 1.0
     note = f"n={n}, ~{size} B per record; the spool's own capacity, without the client"

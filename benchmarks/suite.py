@@ -21,10 +21,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from . import chart
 from ._common import HERE, Row, Sink, fmt, machine
 from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
 from .hooks import hook_cost
 from .memory import memory
+from .peers import peers
+from .service import service
 from .spooling import spool_figures
 from .sync import sync_caller_cost
 
@@ -38,6 +41,8 @@ FIGURES = (
     "spool",
     "shutdown",
     "sync",
+    "peers",
+    "service",
 )
 
 
@@ -53,6 +58,21 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {row.figure} | {fmt(row.value, row.unit)} | {fmt(row.baseline, row.unit)} | "
             f"{'—' if ratio is None else f'{ratio:.2f}x'} | {row.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def peer_table(rows: list[Row]) -> str:
+    """The peers figure as its own table: one line per client, four figures each."""
+    lines = [
+        "| client | caller µs per call | delivered/s | CPU µs per event | dropped |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        x = row.extra
+        lines.append(
+            f"| {x['label']} | {x['caller_us']:.2f} | {x['rate']:,.0f} | {x['cpu_us']:.1f} | "
+            f"{x['dropped']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -83,6 +103,8 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
             "spool": with_sink(lambda s, sink: spool_figures(s.spool_n, sink)),
             "shutdown": with_sink(shutdown),
             "sync": with_sink(sync_caller_cost),
+            "peers": with_sink(peers),
+            "service": with_sink(service),
         }
         for name in FIGURES:
             if name not in only:
@@ -114,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the results (default: benchmarks/results.json)",
     )
     parser.add_argument(
+        "--chart",
+        type=Path,
+        default=HERE / "results.svg",
+        help="where to draw the chart, .svg or .png (default: benchmarks/results.svg)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(FIGURES),
         help=f"comma-separated subset of: {','.join(FIGURES)}",
@@ -139,15 +167,30 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     mach = info["machine"]
+    peer_rows = [row for row in rows if row.key.startswith("peers.")]
+    main_rows = [row for row in rows if not row.key.startswith("peers.")]
     print(
         f"## telemetrydeck-async benchmarks ({info['mode']}, {elapsed:.0f} s)\n\n"
         f"{mach['cpu']}, {mach['cores']} cores, {mach['python']}, {mach['os']}, "
         f"{info['date']}, load average at the end {mach['load_average']}\n\n"
-        f"{table(rows)}\n\n{notes(rows)}"
+        f"{table(main_rows)}\n\n{notes(main_rows)}"
     )
+    if peer_rows:
+        print(f"\n### The same workload through other clients\n\n{peer_table(peer_rows)}")
+        print("\n" + notes(peer_rows))
     if args.quick:
         print("\n(quick mode: tiny N, the numbers are only a smoke test)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nJSON written to {args.json}", file=sys.stderr)
+    why_not = chart.available()
+    if why_not is not None:
+        print(f"no chart: {why_not}", file=sys.stderr)
+    else:
+        title = f"telemetrydeck-async benchmarks ({info['mode']}), {info['date']}, {mach['cpu']}"
+        panels = chart.draw(rows, args.chart, title)
+        if panels:
+            print(f"chart ({', '.join(panels)}) drawn to {args.chart}", file=sys.stderr)
+        else:
+            print("no chart: none of its figures ran (--only)", file=sys.stderr)
     return 1 if errors else 0

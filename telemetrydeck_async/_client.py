@@ -49,7 +49,10 @@ from ._signal import (
     UserHasher,
     check_utf8,
     encode_signal,
+    new_signal,
     normalize_payload,
+    normalize_sized,
+    size_bound,
     validate_float_value,
     validate_type,
 )
@@ -63,6 +66,11 @@ from .exceptions import (
 )
 
 __all__ = ["TelemetryClient"]
+
+# Signal types found valid (the checks in _build pass): each is checked once per process.
+# Bounded; a set's add and lookup are atomic, so signal_threadsafe() callers may share it.
+_GOOD_TYPES: set[str] = set()
+_GOOD_TYPES_MAX = 4096
 
 # A disabled client validates calls but never hashes a real id or touches the default-user file.
 _DISABLED_USER: Final = "telemetrydeck-async-disabled"
@@ -105,8 +113,9 @@ class TelemetryClient(Presets):
         batch_size: signals per request at most (default 100, as the official SDKs).
         max_batch_bytes: bytes per request body at most (default 1 MiB).
         flush_interval: seconds a signal may wait for a batch to fill (default 5).
-        max_queue_size: signals held in memory at most (default 10,000); past it, signals go
-            to the spool, or are dropped with reason ``queue_full``. ``await signal()`` first
+        max_queue_size: signals held in memory at most (default 50,000, about 17 MiB: a burst
+            of 50,000 from synchronous code fits); past it, signals go to the spool, or are
+            dropped with reason ``queue_full``. ``await signal()`` first
             waits briefly for room while the endpoint is healthy, so bursts are not dropped.
         request_timeout: seconds for one request, connect to last byte (default 10).
         close_timeout: seconds ``aclose()`` may take at most (default 10).
@@ -159,7 +168,7 @@ class TelemetryClient(Presets):
         batch_size: int = 100,
         max_batch_bytes: int = 1024 * 1024,
         flush_interval: float = 5.0,
-        max_queue_size: int = 10_000,
+        max_queue_size: int = 50_000,
         request_timeout: float = 10.0,
         close_timeout: float = 10.0,
         max_concurrent_requests: int = 2,
@@ -216,6 +225,7 @@ class TelemetryClient(Presets):
         self._enabled = config.enabled and not disabled_by_env()
         self._session_id = config.session_id or str(uuid.uuid4())
         self._hash_user = UserHasher(config.salt)
+        self._user_hashes = self._hash_user.cache
         self._signal_prefix = config.signal_prefix or ""
         self._payload_prefix = prefix = config.payload_prefix or ""
         # The base payload of every signal, built once: the (prefixed) default payload, then
@@ -589,7 +599,9 @@ class TelemetryClient(Presets):
         # ``params``: the TelemetryDeck keys of a preset, already validated. Only presets pass
         # them, and only they may use a reserved type (they never pass a caller's unchecked one).
         if params is None:
-            if (
+            if type(signal_type) is str and signal_type in _GOOD_TYPES:
+                pass  # checked before: services send the same few types again and again
+            elif (
                 type(signal_type) is not str
                 or not signal_type
                 or signal_type.startswith(SDK_KEY_PREFIX)
@@ -597,6 +609,8 @@ class TelemetryClient(Presets):
                 or not signal_type.isascii()  # the rare non-ASCII type: check it encodes
             ):
                 validate_type(signal_type)  # raises with the precise reason
+            elif len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+                _GOOD_TYPES.add(signal_type)
             if self._signal_prefix:
                 signal_type = self._signal_prefix + signal_type
         elif self._signal_prefix and not signal_type.startswith(SDK_KEY_PREFIX):
@@ -604,24 +618,33 @@ class TelemetryClient(Presets):
         user = client_user if client_user is not None else self._default_user
         if user is None:
             user = self._resolve_default_user()
-        hashed = self._hash_user(user)
+        # The hasher's cache, read here first: a call per signal costs as much as the lookup.
+        hashed = self._user_hashes.get(user) if type(user) is str else None
+        if hashed is None:
+            hashed = self._hash_user(user)
         shared: SharedPayload | None = self._shared
         own: Mapping[str, PayloadValue]
+        # The characters of the own payload, for the size bound below; -1 where the payload
+        # was rebuilt (prefix, merge, preset keys) and the signal adds them up itself.
+        chars = 0
         if payload:
-            own = normalize_payload(payload)
+            own, chars = normalize_sized(payload)
             if self._payload_prefix:
                 prefix = self._payload_prefix
                 own = {prefix + key: value for key, value in own.items()}
+                chars = -1
             if self._overridable and not self._overridable.isdisjoint(own):
                 # The call overrides a default key: one merged dict, in the reference order.
                 own = {**self._default_payload, **own}
                 shared = None
+                chars = -1
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             own = _NO_PAYLOAD
         if params:
             own = {**own, **params}
+            chars = -1
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -679,11 +702,17 @@ class TelemetryClient(Presets):
                     signal_type, new_payload, float_value = vetted
                     if new_payload is not None:  # replaced: no shared fragment
                         own, shared = {**self._sdk_payload, **new_payload, **(params or {})}, None
-        signal = Signal(
-            signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
+                        chars = -1
+        signal = new_signal(
+            Signal,
+            (signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared),
         )
         limit = self._config.max_batch_bytes - 2
-        if signal.max_encoded_size() > limit:
+        if (
+            size_bound(signal_type, session_id, chars, len(own), shared)
+            if chars >= 0
+            else signal.max_encoded_size()
+        ) > limit:
             size = len(encode_signal(signal, self._config.app_id))
             if size > limit:
                 raise InvalidSignalError(
@@ -815,7 +844,11 @@ class TelemetryClient(Presets):
             signal_type, client_user, session_id, payload, float_value, test_mode
         )
         if signal is not None:
-            await self._submit(signal)
+            if self._write_ahead or not self._batcher.space.is_set():
+                await self._submit(signal)
+            else:
+                # The common case, without a coroutine for _submit: room, nothing to write.
+                self._enqueue(signal)
 
     def _prepare(
         self,

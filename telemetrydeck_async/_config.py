@@ -285,7 +285,7 @@ class ClientConfig:
     batch_size: int = attrs.field(default=100, validator=_positive_int)
     max_batch_bytes: int = attrs.field(default=1024 * 1024, validator=_positive_int)
     flush_interval: float = attrs.field(default=5.0, validator=_positive_float)
-    max_queue_size: int = attrs.field(default=10_000, validator=_positive_int)
+    max_queue_size: int = attrs.field(default=50_000, validator=_positive_int)
     request_timeout: float = attrs.field(default=10.0, validator=_positive_float)
     close_timeout: float = attrs.field(default=10.0, validator=_positive_float)
     max_concurrent_requests: int = attrs.field(default=2, validator=_positive_int)

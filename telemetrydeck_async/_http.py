@@ -55,9 +55,13 @@ STATUS_CLASS_KEY: Final = "HTTP.Response.statusClass"
 UNMATCHED_ROUTE: Final = "(unmatched)"
 
 
+_STATUS_CLASSES: Final = tuple(f"{n}xx" for n in range(10))
+
+
 def status_class(status: int) -> str:
     """``"2xx"`` for 200..299 and so on."""
-    return f"{status // 100}xx"
+    n = status // 100
+    return _STATUS_CLASSES[n] if 0 <= n < 10 else f"{n}xx"
 
 
 @attrs.frozen(kw_only=True)
@@ -113,6 +117,18 @@ class RequestSignals:
         user: str | None,
     ) -> None:
         """Queue the signal for ``info`` on ``client`` (no I/O, never raises)."""
+        self.send_request(client, info.method, info.route, info.status, info.duration_ms, user)
+
+    def send_request(
+        self,
+        client: TelemetryClient | SyncTelemetryClient | None,
+        method: str,
+        route: str,
+        status: int,
+        duration_ms: float,
+        user: str | None,
+    ) -> None:
+        """:meth:`send` from the request's figures, without a :class:`RequestInfo` (no filter)."""
         if client is None:
             self.warn(
                 "no-client",
@@ -127,11 +143,11 @@ class RequestSignals:
                 self.signal_type,
                 client_user=user,
                 payload={
-                    ROUTE_KEY: info.route,
-                    METHOD_KEY: info.method,
-                    STATUS_CLASS_KEY: status_class(info.status),
+                    ROUTE_KEY: route,
+                    METHOD_KEY: method,
+                    STATUS_CLASS_KEY: status_class(status),
                 },
-                float_value=info.duration_ms,
+                float_value=duration_ms,
             )
         except Exception as exc:
             self.warn("signal", "could not queue the request signal", exc)

@@ -17,11 +17,19 @@ import numbers
 import time
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, cast
 
 import attrs
 
 from .exceptions import InvalidSignalError
+
+try:
+    # The optional accelerator (``pip install 'telemetrydeck-async[fast]'``): a C JSON encoder
+    # about ten times faster than the stdlib's on a payload. Used only where its output is
+    # byte for byte the stdlib's (tests/test_encoding.py checks it with hypothesis).
+    from orjson import dumps as _orjson_dumps
+except ImportError:  # pragma: no cover - exercised by the suite run without the extra
+    _orjson_dumps = None  # type: ignore[assignment]  # the stdlib path is used
 
 __all__ = [
     "RESERVED_KEYS",
@@ -34,7 +42,10 @@ __all__ = [
     "encode_signal",
     "format_received_at",
     "lone_surrogate",
+    "new_signal",
     "normalize_payload",
+    "normalize_sized",
+    "size_bound",
     "validate_type",
 ]
 
@@ -171,47 +182,79 @@ def _normalize_value(key: str, value: object) -> PayloadValue | None:
     )
 
 
-def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[str, PayloadValue]:
-    """Validate a caller's payload and return a fresh flat dict of JSON primitives.
+# Payload keys found valid once (str, non-empty, encodable, not reserved): services send the
+# same few keys again and again, so each is checked once. Bounded: cleared when full. A set's
+# add and lookup are atomic, so callers in other threads (signal_threadsafe) may share it.
+_GOOD_KEYS: Final[set[str]] = set()
+_GOOD_KEYS_MAX: Final = 4096
 
-    ``None`` values are dropped, ``datetime``/``date`` values become ISO-8601 strings; anything
-    nested, binary, non-finite or keyed by a reserved name raises ``InvalidSignalError``.
+
+def _check_key(key: object, allow_reserved: bool) -> None:
+    """Raise ``InvalidSignalError`` for a payload key the server would refuse."""
+    if type(key) is not str:
+        raise InvalidSignalError("payload", f"keys must be str, got {type(key).__name__}")
+    reserved = key.startswith(SDK_KEY_PREFIX) or key in RESERVED_KEYS
+    if reserved and not allow_reserved:
+        if key.startswith(SDK_KEY_PREFIX):
+            raise InvalidSignalError(
+                f"payload[{key!r}]",
+                f"keys beginning with {SDK_KEY_PREFIX!r} are reserved for the SDK",
+            )
+        raise InvalidSignalError(f"payload[{key!r}]", "is a reserved top-level signal field name")
+    if not key:
+        raise InvalidSignalError("payload", "keys must be non-empty strings")
+    if not key.isascii():
+        check_utf8(f"payload[{key!r}]", key)
+    if not reserved:
+        if len(_GOOD_KEYS) >= _GOOD_KEYS_MAX:
+            _GOOD_KEYS.clear()
+        _GOOD_KEYS.add(key)
+
+
+def normalize_sized(
+    payload: object, *, allow_reserved: bool = False
+) -> tuple[dict[str, PayloadValue], int]:
+    """:func:`normalize_payload`, and the characters its keys and values take at most.
+
+    The count is what :meth:`Signal.max_encoded_size` adds up for a payload (the length of each
+    key and str value, 24 for any other value), made in the same pass.
     """
-    # This runs on every signal() call: a plain dict skips the ABC check, plain str/int/bool
-    # values skip the call to _normalize_value (benchmarks/: about 40% less time per call).
+    # This runs on every signal() call: a plain dict skips the ABC check, a known key skips its
+    # checks, plain str/int/bool values skip the call to _normalize_value.
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidSignalError("payload", f"must be a mapping, got {type(payload).__name__}")
     out: dict[str, PayloadValue] = {}
-    pass_through = _PASS_THROUGH
+    chars = 0
+    good = _GOOD_KEYS
     for key, value in payload.items():
-        if type(key) is not str:
-            raise InvalidSignalError("payload", f"keys must be str, got {type(key).__name__}")
-        if not allow_reserved:
-            if key.startswith(SDK_KEY_PREFIX):
-                raise InvalidSignalError(
-                    f"payload[{key!r}]",
-                    f"keys beginning with {SDK_KEY_PREFIX!r} are reserved for the SDK",
-                )
-            if key in RESERVED_KEYS:
-                raise InvalidSignalError(
-                    f"payload[{key!r}]", "is a reserved top-level signal field name"
-                )
-        if not key:
-            raise InvalidSignalError("payload", "keys must be non-empty strings")
-        if not key.isascii():
-            check_utf8(f"payload[{key!r}]", key)
+        if type(key) is not str or key not in good:
+            _check_key(key, allow_reserved)
         kind = type(value)
-        if kind in pass_through and (
-            value.isascii() if kind is str else kind is bool or _INT_MIN <= value <= _INT_MAX
-        ):
+        if kind is str:
+            if value.isascii():
+                out[key] = value
+                chars += len(key) + len(value)
+                continue
+        elif kind is bool or (kind is int and _INT_MIN <= value <= _INT_MAX):
             out[key] = value
+            chars += len(key) + 24
             continue
         # Everything else, and the plain values past a limit (a lone surrogate, an int past
         # 64 bits), takes the slow path, which normalises the value or raises the reason.
         normalized = _normalize_value(key, value)
         if normalized is not None:
             out[key] = normalized
-    return out
+            chars += len(key) + (len(normalized) if type(normalized) is str else 24)
+    return out, chars
+
+
+def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[str, PayloadValue]:
+    """Validate a caller's payload and return a fresh flat dict of JSON primitives.
+
+    ``None`` values are dropped, ``datetime``/``date`` values become ISO-8601 strings; anything
+    nested, binary, non-finite or keyed by a reserved name raises ``InvalidSignalError``.
+    """
+    return normalize_sized(payload, allow_reserved=allow_reserved)[0]
 
 
 def validate_float_value(value: object) -> float:
@@ -241,15 +284,19 @@ class SharedPayload:
 
     items: Mapping[str, PayloadValue]
     fragment: str
+    #: ``fragment`` as UTF-8, and its length: what it adds to each signal, in bytes.
+    fragment_bytes: bytes = b""
+    size: int = 0
 
     @classmethod
     def of(cls, items: Mapping[str, PayloadValue]) -> SharedPayload:
         """Encode ``items`` once."""
-        return cls(dict(items), _encode_object(dict(items))[1:-1])
+        fragment = _encode_object(dict(items))[1:-1]
+        encoded = fragment.encode()
+        return cls(dict(items), fragment, encoded, len(encoded))
 
 
-@attrs.frozen(slots=True)
-class Signal:
+class Signal(NamedTuple):
     """One validated signal, as it sits in the queue.
 
     ``client_user`` is already the hash; the raw user id never reaches this object.
@@ -257,6 +304,11 @@ class Signal:
     the batch is encoded, and stays the same across queueing, retries and the spool.
     ``payload`` holds the signal's own keys; ``shared``, when set, the client's keys that come
     first on the wire (none of them is repeated in ``payload``).
+
+    A named tuple rather than the house's ``attrs.frozen`` class: one is built on every
+    ``signal()`` call, and a frozen attrs class sets each field through
+    ``object.__setattr__`` (benchmarks/: about 1 us of the call), where a tuple is built in
+    one step (``new_signal``). It is as immutable, and as small in memory.
     """
 
     type: str
@@ -291,11 +343,36 @@ class Signal:
 
     def max_encoded_size(self) -> int:
         """A cheap upper bound of the encoded size in bytes, without encoding."""
-        chars = len(self.type) + len(self.session_id)
+        chars = 0
         for key, value in self.payload.items():
             chars += len(key) + (len(value) if isinstance(value, str) else 24)
-        shared = 0 if self.shared is None else len(self.shared.fragment.encode())
-        return _SIGNAL_OVERHEAD + 64 + chars * _MAX_BYTES_PER_CHAR + 3 * len(self.payload) + shared
+        return size_bound(self.type, self.session_id, chars, len(self.payload), self.shared)
+
+
+def size_bound(
+    signal_type: str, session_id: str, chars: int, keys: int, shared: SharedPayload | None
+) -> int:
+    """:meth:`Signal.max_encoded_size` from its parts: ``chars`` and ``keys`` of the own payload.
+
+    Every character may take up to six bytes (a control character as ``\\uXXXX``); each key
+    adds its quotes and colon; the fixed fields and numbers take at most the overhead.
+    """
+    shared_size = 0 if shared is None else shared.size
+    return (
+        _SIGNAL_OVERHEAD
+        + 64
+        + (len(signal_type) + len(session_id) + chars) * _MAX_BYTES_PER_CHAR
+        + 3 * keys
+        + shared_size
+    )
+
+
+#: ``new_signal(Signal, (type, client_user, ...))``: builds a Signal from its eight fields in one
+#: step, without the generated ``__new__``'s argument handling (the client's hot path).
+new_signal: Final = cast(
+    Callable[[type[Signal], tuple[Any, Any, Any, Any, Any, Any, Any, Any]], Signal],
+    tuple.__new__,
+)
 
 
 #: The reference encoding: compact, no NaN, non-ASCII text as is (``json.dumps`` options).
@@ -340,43 +417,93 @@ def _encode_payload(signal: Signal) -> str:
     return "{" + shared.fragment + "," + own[1:]
 
 
+# The encoded start of a signal object, up to the opening quote of receivedAt, by (app ID, user
+# hash, session, type, test mode): a service sends the same few combinations again and again, so
+# each is written once. Bounded: cleared when full. A dict's get and set are atomic, so the
+# rare encode in another thread may share it.
+_HEADS: Final[dict[tuple[str, str, str, str, bool], bytes]] = {}
+_HEADS_MAX: Final = 4096
+
+
+def _new_head(key: tuple[str, str, str, str, bool]) -> bytes:
+    """Encode and cache ``{"appID":...,"isTestMode":...,"receivedAt":"`` for ``key``.
+
+    ``_json_str`` raises TypeError for a field that is not a str: the caller's reference path
+    then encodes or refuses it.
+    """
+    app_id, client_user, session_id, signal_type, test_mode = key
+    head = "".join(
+        (
+            '{"appID":',
+            _json_str(app_id),
+            ',"clientUser":',
+            _json_str(client_user),
+            ',"sessionID":',
+            _json_str(session_id),
+            ',"type":',
+            _json_str(signal_type),
+            ',"isTestMode":true,"receivedAt":"'
+            if test_mode
+            else ',"isTestMode":false,"receivedAt":"',
+        )
+    ).encode()
+    if len(_HEADS) >= _HEADS_MAX:
+        _HEADS.clear()
+    _HEADS[key] = head
+    return head
+
+
+def _payload_with_orjson(signal: Signal) -> bytes | None:
+    """The payload object through orjson; None where its bytes might differ from the stdlib's.
+
+    orjson writes strings, ints and bools exactly as ``json.dumps(..., ensure_ascii=False)``
+    but floats differently (``1e-7`` for ``1e-07``), so a payload holding a float is left to
+    the stdlib. A value orjson refuses (a str subclass, an int past 64 bits, a lone surrogate)
+    raises ``TypeError``: the caller then takes the reference path, which encodes it or raises
+    the reference error. The shared keys were encoded once by the stdlib.
+    """
+    payload = signal.payload
+    dumps = _orjson_dumps
+    if dumps is None or float in map(type, payload.values()):
+        return None
+    own = dumps(payload)
+    shared = signal.shared
+    if shared is None or not shared.fragment:
+        return own
+    if own == b"{}":
+        return b"{" + shared.fragment_bytes + b"}"
+    return b"{" + shared.fragment_bytes + b"," + own[1:]
+
+
 def encode_signal(signal: Signal, app_id: str) -> bytes:
     """Encode one signal as compact UTF-8 JSON (no NaN, no ASCII escaping of non-ASCII text).
 
     The result is byte for byte ``json.dumps(signal.to_json(app_id), separators=(",", ":"),
     ensure_ascii=False, allow_nan=False).encode()``. This runs once per signal in the flusher,
-    so the fixed fields are written directly (strings through the stdlib's own JSON string
-    encoder) and only the payload goes through the JSON encoder; anything unusual (a field
-    that is not of its declared type, a non-finite floatValue) takes the reference path, which
-    also raises the reference errors.
+    so the fixed fields come from a cache of encoded heads, and only the payload goes through
+    a JSON encoder: orjson when the ``fast`` extra is installed and the payload holds no float,
+    else the stdlib's. Anything unusual (a field that is not of its declared type, a
+    non-finite floatValue) takes the reference path, which also raises the reference errors.
     """
-    test_mode = signal.test_mode
-    float_value = signal.float_value
+    type_, client_user, session_id, test_mode, _, float_value, received_at, _ = signal
     if type(test_mode) is bool and (
         float_value is None or (type(float_value) is float and math.isfinite(float_value))
     ):
         try:
-            return "".join(
+            key = (app_id, client_user, session_id, type_, test_mode)
+            head = _HEADS.get(key) or _new_head(key)
+            body = _payload_with_orjson(signal) or _encode_payload(signal).encode()
+            return b"".join(
                 (
-                    '{"appID":',
-                    _json_str(app_id),
-                    ',"clientUser":',
-                    _json_str(signal.client_user),
-                    ',"sessionID":',
-                    _json_str(signal.session_id),
-                    ',"type":',
-                    _json_str(signal.type),
-                    ',"isTestMode":true,"receivedAt":"'
-                    if test_mode
-                    else ',"isTestMode":false,"receivedAt":"',
-                    format_received_at(signal.received_at),
-                    '","payload":',
-                    _encode_payload(signal),
-                    "}"
+                    head,
+                    format_received_at(received_at).encode(),
+                    b'","payload":',
+                    body,
+                    b"}"
                     if float_value is None
-                    else f',"floatValue":{float.__repr__(float_value)}}}',
+                    else b',"floatValue":' + float.__repr__(float_value).encode() + b"}",
                 )
-            ).encode()
+            )
         except TypeError:  # a field that is not a str: let the reference path encode or refuse it
             pass
     return _ENCODER.encode(signal.to_json(app_id)).encode()
@@ -386,6 +513,8 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
 # and gmtime + strftime cost more than the rest of the formatting. A tuple, so that a reader
 # in another thread never sees the second of one pair with the text of another.
 _last_second: tuple[int, str] = (0, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(0)))
+# ".000Z" to ".999Z": indexing a table is cheaper than formatting the milliseconds each time.
+_MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
 def format_received_at(unix_time: float) -> str:
@@ -397,7 +526,9 @@ def format_received_at(unix_time: float) -> str:
     if seconds != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _last_second = (seconds, text)
-    return f"{text}.{millis:03d}Z"
+    if 0 <= millis < 1000:
+        return text + _MILLIS[millis]
+    return f"{text}.{millis:03d}Z"  # before 1970: as the reference formats it
 
 
 @attrs.define
@@ -410,20 +541,21 @@ class UserHasher:
 
     _salt: str = attrs.field(repr=False)
     _max_entries: int = 4096
-    _cache: dict[str, str] = attrs.field(factory=dict, repr=False)
+    #: user id -> hash, filled by calls; the client reads it directly on its hot path.
+    cache: dict[str, str] = attrs.field(factory=dict, repr=False)
 
     def __call__(self, user_id: object) -> str:
         """Return the lowercase hex SHA-256 of ``user_id + salt``."""
         if type(user_id) is not str:
             raise InvalidSignalError("client_user", f"must be a str, got {type(user_id).__name__}")
-        cached = self._cache.get(user_id)
+        cached = self.cache.get(user_id)
         if cached is not None:
             return cached
         if not user_id:
             raise InvalidSignalError("client_user", "must be a non-empty string")
         check_utf8("client_user", user_id)
         digest = hashlib.sha256((user_id + self._salt).encode()).hexdigest()
-        if len(self._cache) >= self._max_entries:
-            self._cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
-        self._cache[user_id] = digest
+        if len(self.cache) >= self._max_entries:
+            self.cache.clear()  # cheaper than LRU bookkeeping; refills in one pass of traffic
+        self.cache[user_id] = digest
         return digest

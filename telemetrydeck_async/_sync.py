@@ -200,7 +200,7 @@ class SyncTelemetryClient:
         batch_size: int = 100,
         max_batch_bytes: int = 1024 * 1024,
         flush_interval: float = 5.0,
-        max_queue_size: int = 10_000,
+        max_queue_size: int = 50_000,
         request_timeout: float = 10.0,
         close_timeout: float = 10.0,
         max_concurrent_requests: int = 2,

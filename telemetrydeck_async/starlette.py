@@ -199,6 +199,8 @@ class TelemetryMiddleware:
         self._client_user = client_user
         # Route object id -> (route, template): the routes of an app live as long as the app.
         self._templates: dict[int, tuple[Any, str]] = {}
+        # (app, its client) of the last request: a Starlette ``State`` lookup costs a few µs.
+        self._cached: tuple[Any, TelemetryClient] | None = None
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         """Serve one ASGI connection; HTTP requests are timed and signalled."""
@@ -222,28 +224,43 @@ class TelemetryMiddleware:
         self._record(scope, status, started)
 
     def _record(self, scope: _Scope, status: int, started: float) -> None:
-        info = RequestInfo(
-            method=str(scope.get("method", "")),
-            route=self._route(scope),
-            path=str(scope.get("path", "")),
-            status=status,
-            duration_ms=(time.perf_counter() - started) * 1000.0,
-        )
-        if not self._signals.wanted(info):
-            return
-        client = self._client
-        if client is None:
-            app = scope.get("app")
-            client = getattr(getattr(app, "state", None), STATE_KEY, None)
-            if not isinstance(client, TelemetryClient):
-                client = None
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        route = self._route(scope)
+        method = scope.get("method", "")
+        if type(method) is not str:
+            method = str(method)
+        signals = self._signals
+        if signals.filter is not None:
+            info = RequestInfo(
+                method=method,
+                route=route,
+                path=str(scope.get("path", "")),
+                status=status,
+                duration_ms=duration_ms,
+            )
+            if not signals.wanted(info):
+                return
+        client = self._client if self._client is not None else self._app_client(scope)
         user = None
         if self._client_user is not None:
             try:
                 user = self._client_user(HTTPConnection(scope))
             except Exception as exc:
-                self._signals.warn("user", "the client_user hook raised; using the default", exc)
-        self._signals.send(client, info, user)
+                signals.warn("user", "the client_user hook raised; using the default", exc)
+        signals.send_request(client, method, route, status, duration_ms, user)
+
+    def _app_client(self, scope: _Scope) -> TelemetryClient | None:
+        """The client on ``app.state.telemetry``, remembered per app while it is open."""
+        app = scope.get("app")
+        cached = self._cached
+        if cached is not None and cached[0] is app and not cached[1].closed:
+            return cached[1]
+        client = getattr(getattr(app, "state", None), STATE_KEY, None)
+        if not isinstance(client, TelemetryClient):
+            return None
+        # A restarted app (a new lifespan) gets a new client: the closed one is looked up again.
+        self._cached = (app, client)
+        return client
 
     def _route(self, scope: _Scope) -> str:
         # Starlette sets scope["route"] to the matched route; older releases set only

@@ -344,6 +344,24 @@ async def test_middleware_sends_one_signal_per_request(
     assert request_routes(emulator) == ["/orders/{order_id}"] * 3
 
 
+async def test_middleware_uses_the_new_client_of_a_restarted_app(
+    factory: Callable[[], TelemetryClient], emulator: IngestEmulator
+) -> None:
+    """An app started again gets a new client: the middleware sends through it, not the old."""
+    app = Starlette(
+        routes=[Route("/orders/{order_id}", ok)], lifespan=td_starlette.telemetry_lifespan(factory)
+    )
+    app.add_middleware(td_starlette.TelemetryMiddleware)
+    clients = []
+    for order_id in range(2):
+        async with asgi(app) as http:
+            await http.get(f"/orders/{order_id}")
+            clients.append(app.state.telemetry)
+    assert clients[0] is not clients[1]
+    assert all(td.closed and td.stats.sent == 1 for td in clients)
+    assert request_routes(emulator) == ["/orders/{order_id}"] * 2
+
+
 async def test_middleware_finds_the_route_by_endpoint_when_the_router_does_not_name_it(
     factory: Callable[[], TelemetryClient], emulator: IngestEmulator
 ) -> None:

@@ -1,0 +1,448 @@
+"""The service figure: what the SDK costs a real web service, measured from outside.
+
+A hello-world FastAPI app runs under uvicorn (one worker) in its own process; a load driver in
+another process keeps ``CONNECTIONS`` keep-alive connections busy until ``requests`` requests
+are answered. The handler does nothing else, so this is the worst case: every microsecond the
+SDK adds is a large share of the request. Variants, each in a fresh server, taking turns in
+every round (median of the rounds):
+
+* ``none``: no analytics;
+* ``nowait``: the handler calls ``td.signal_nowait()`` (the client made by
+  ``telemetry_lifespan``, sending to the loopback sink);
+* ``middleware``: ``TelemetryMiddleware`` as in docs/integrations.md, the handler untouched;
+* ``posthog`` / ``segment``: the peers' capture call in the handler (the ``bench`` extra).
+
+Per variant: requests/s, p99 latency (as the driver sees it) and the server's CPU time per
+request (all its threads, read by the app itself before and after the load), each against
+``none``; and how many of the signals reached the sink once the server stopped.
+
+Usage of the helper processes (the figure starts them): ``python -m benchmarks.service serve
+--variant V --sink URL`` prints ``PORT <n>`` and serves until its standard input closes;
+``python -m benchmarks.service drive --port N --requests N`` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from ._common import (
+    APP_ID,
+    NAMESPACE,
+    ROOT,
+    SALT,
+    SESSION_ID,
+    USERS,
+    Row,
+    Sink,
+    child_env,
+    median,
+    percentile,
+)
+from .figures import Settings
+from .peers import _installed
+
+CONNECTIONS = 32
+VARIANTS = ("none", "nowait", "middleware", "posthog", "segment")
+REQUEST_SIGNAL = "Bench.Request.handled"
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _app(variant: str, sink_url: str) -> Any:
+    """The FastAPI app of one variant."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from telemetrydeck_async import TelemetryClient
+    from telemetrydeck_async.starlette import TelemetryMiddleware, telemetry_lifespan
+
+    def make_client() -> TelemetryClient:
+        return TelemetryClient(
+            APP_ID, namespace=NAMESPACE, base_url=sink_url, salt=SALT, session_id=SESSION_ID
+        )
+
+    peer: Any = None
+    if variant == "posthog":
+        from posthog.async_client import AsyncClient
+
+        peer = AsyncClient("phc_bench", host=sink_url)
+    elif variant == "segment":
+        from segment.analytics import Client
+
+        peer = Client(write_key="bench", host=sink_url)
+
+    lifespan = telemetry_lifespan(make_client) if variant in ("nowait", "middleware") else None
+    app = FastAPI(lifespan=lifespan)
+    if variant == "middleware":
+        app.add_middleware(TelemetryMiddleware)
+    counter = iter(range(1 << 62))
+
+    @app.get("/_cpu")
+    async def cpu() -> JSONResponse:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return JSONResponse({"cpu": usage.ru_utime + usage.ru_stime})
+
+    @app.get("/_close")
+    async def close() -> JSONResponse:
+        """Flush the peer's queue (the SDK variants flush at shutdown, in the lifespan)."""
+        if variant == "posthog":
+            await peer.flush()
+        elif variant == "segment":
+            await asyncio.to_thread(peer.flush)
+        return JSONResponse({"ok": True})
+
+    if variant == "nowait":
+
+        @app.get("/")
+        async def hello_nowait() -> dict[str, str]:
+            i = next(counter)
+            app.state.telemetry.signal_nowait(
+                REQUEST_SIGNAL, client_user=USERS[i & 3], payload={"Bench.route": "/"}
+            )
+            return {"hello": "world"}
+
+    elif variant == "posthog":
+
+        @app.get("/")
+        async def hello_posthog() -> dict[str, str]:
+            i = next(counter)
+            peer.capture(REQUEST_SIGNAL, distinct_id=USERS[i & 3], properties={"route": "/"})
+            return {"hello": "world"}
+
+    elif variant == "segment":
+
+        @app.get("/")
+        async def hello_segment() -> dict[str, str]:
+            i = next(counter)
+            peer.track(user_id=USERS[i & 3], event=REQUEST_SIGNAL, properties={"route": "/"})
+            return {"hello": "world"}
+
+    else:
+
+        @app.get("/")
+        async def hello() -> dict[str, str]:
+            return {"hello": "world"}
+
+    return app
+
+
+def serve(variant: str, sink_url: str) -> None:
+    """Run uvicorn on a free loopback port until standard input closes."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        _app(variant, sink_url),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        backlog=1024,
+    )
+    server = uvicorn.Server(config)
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()  # returns when the parent closes the pipe (or dies)
+        server.should_exit = True
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    server.run(sockets=[sock])
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection sending GET / again and again, one request at a time."""
+
+    def __init__(self, driver: _Driver) -> None:
+        self.driver = driver
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.next()
+
+    def next(self) -> None:
+        if not self.driver.take():
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.started = time.perf_counter()
+        assert self.transport is not None
+        self.transport.write(self.driver.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].lower()
+        start = head.find(b"content-length:")
+        length = int(head[start + 15 : head.find(b"\r\n", start)].strip()) if start >= 0 else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        if not head.startswith(b"http/1.1 200"):
+            self.driver.errors += 1
+        self.buffer = self.buffer[end + 4 + length :]
+        self.driver.latencies.append(time.perf_counter() - self.started)
+        self.next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.driver.closed()
+
+
+class _Driver:
+    def __init__(self, port: int, requests: int, connections: int) -> None:
+        self.port = port
+        self.left = requests
+        self.open = connections
+        self.connections = connections
+        self.errors = 0
+        self.latencies: list[float] = []
+        self.request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
+        self.done = asyncio.get_running_loop().create_future()
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    async def run(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        for _ in range(self.connections):
+            await loop.create_connection(lambda: _Connection(self), "127.0.0.1", self.port)
+        await asyncio.wait_for(self.done, 600)
+        elapsed = time.perf_counter() - t0
+        lat = [x * 1000 for x in self.latencies]
+        return {
+            "answered": len(lat),
+            "errors": self.errors,
+            "elapsed": elapsed,
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+        }
+
+
+def drive(port: int, requests: int, connections: int) -> None:
+    """Send ``requests`` requests over ``connections`` connections; print the figures."""
+
+    async def run() -> dict[str, Any]:
+        return await _Driver(port, requests, connections).run()
+
+    print(json.dumps(asyncio.run(run())), flush=True)
+
+
+# ----------------------------------------------------------------------------- the figure
+
+
+async def _get(port: int, path: str) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    result: dict[str, Any] = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return result
+
+
+async def _drive(port: int, requests: int) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.service",
+        "drive",
+        "--port",
+        str(port),
+        "--requests",
+        str(requests),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=child_env(),
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load driver failed (exit {proc.returncode})")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def _round(variant: str, sink: Sink, requests: int) -> dict[str, Any]:
+    """One fresh server: warm up, measure, stop; what reached the sink."""
+    what = "signals" if variant in ("nowait", "middleware") else "events"
+    before = await sink.count(what)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.service",
+        "serve",
+        "--variant",
+        variant,
+        "--sink",
+        sink.base_url,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=child_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if not line.startswith(b"PORT "):
+            raise RuntimeError(f"the server did not start: {line!r}")
+        port = int(line.split()[1])
+        warm = max(requests // 10, 200)
+        await _drive(port, warm)
+        cpu0 = (await _get(port, "/_cpu"))["cpu"]
+        result = await _drive(port, requests)
+        cpu1 = (await _get(port, "/_cpu"))["cpu"]
+        await _get(port, "/_close")
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # uvicorn shuts down: the lifespan closes (and flushes) the client
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+    await asyncio.sleep(0.2)
+    result["cpu_us"] = (cpu1 - cpu0) / requests * 1e6
+    result["rate"] = result["answered"] / result["elapsed"]
+    result["delivered"] = await sink.count(what) - before
+    # The middleware also signals the three control requests (/_cpu twice, /_close).
+    control = 3 if variant == "middleware" else 0
+    result["sent_total"] = (warm + requests + control) if variant != "none" else 0
+    return result
+
+
+def variants(quick: bool) -> tuple[list[str], list[str]]:
+    """The variants that can run here, and why the others cannot."""
+    skipped = []
+    if not (_installed("fastapi") and _installed("uvicorn")):
+        return [], ["fastapi and uvicorn are not installed: pip install -e '.[bench]'"]
+    run = ["none", "nowait", "middleware"]
+    if quick:  # CI: the SDK's variants only, to stay fast
+        return run, ["quick mode: the peers' variants run in the full suite only"]
+    if _installed("posthog") and _installed("httpx"):
+        run.append("posthog")
+    else:
+        skipped.append("posthog not installed (the bench extra)")
+    if _installed("segment.analytics"):
+        run.append("segment")
+    else:
+        skipped.append("segment-analytics-python not installed (the bench extra)")
+    return run, skipped
+
+
+LABELS = {
+    "none": "no analytics",
+    "nowait": "`td.signal_nowait()` in the handler",
+    "middleware": "`TelemetryMiddleware`",
+    "posthog": "posthog `AsyncClient.capture()` in the handler",
+    "segment": "segment `track()` in the handler",
+}
+
+
+async def service(s: Settings, sink: Sink) -> list[Row]:
+    """Requests/s, p99 and server CPU per request for each variant, against no SDK."""
+    run, skipped = variants(s.quick)
+    for reason in skipped:
+        print(f"    service: skipped: {reason}", file=sys.stderr, flush=True)
+    if not run:
+        return [Row("service", "service benchmark", None, "", note="skipped: " + skipped[0])]
+    got: dict[str, list[dict[str, Any]]] = {v: [] for v in run}
+    for _ in range(s.service_rounds):
+        for variant in run:
+            got[variant].append(await _round(variant, sink, s.service_requests))
+
+    def med(variant: str, key: str) -> float:
+        return median([r[key] for r in got[variant]])
+
+    base_rate, base_p99, base_cpu = (
+        med("none", "rate"),
+        med("none", "p99_ms"),
+        med("none", "cpu_us"),
+    )
+    rows: list[Row] = []
+    for variant in run:
+        results = got[variant]
+        ours = variant in ("nowait", "middleware")
+        errors = sum(r["errors"] for r in results)
+        lost = sum(r["sent_total"] - r["delivered"] for r in results)
+        note = (
+            f"{s.service_requests} requests x {len(results)} rounds over {CONNECTIONS} "
+            f"connections; p99 {med(variant, 'p99_ms'):.2f} ms (no SDK {base_p99:.2f} ms), "
+            f"p50 {med(variant, 'p50_ms'):.2f} ms"
+        )
+        if variant != "none":
+            note += f"; signals not delivered: {max(lost, 0)}"
+        if errors:
+            note += f"; {errors} non-200 answers"
+        rate = Row(
+            f"service.{variant}.rate",
+            f"service req/s, {LABELS[variant]}",
+            med(variant, "rate"),
+            "/s",
+            base_rate,
+            "≥ 0.95x no SDK" if ours else "—",
+            met=(med(variant, "rate") >= 0.95 * base_rate) if ours else None,
+            note=note,
+            extra={"rounds": results, "label": LABELS[variant]},
+        )
+        extra_cpu = med(variant, "cpu_us") - base_cpu
+        cpu = Row(
+            f"service.{variant}.cpu",
+            f"server CPU per request, {LABELS[variant]} ({extra_cpu:+.1f} µs)",
+            med(variant, "cpu_us"),
+            "µs",
+            base_cpu,
+            "≤ +10 µs" if ours else "—",
+            met=(extra_cpu <= 10.0) if ours else None,
+            note="all threads of the server process, read by the app before and after the load",
+        )
+        rows += [rate, cpu]
+    if skipped:
+        rows[-1].note += "; skipped: " + "; ".join(skipped)
+    return rows
+
+
+def main() -> None:
+    """Entry point of the helper processes."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve")
+    serve_p.add_argument("--variant", choices=VARIANTS, required=True)
+    serve_p.add_argument("--sink", required=True)
+    drive_p = sub.add_parser("drive")
+    drive_p.add_argument("--port", type=int, required=True)
+    drive_p.add_argument("--requests", type=int, required=True)
+    drive_p.add_argument("--connections", type=int, default=CONNECTIONS)
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.variant, args.sink)
+    else:
+        drive(args.port, args.requests, args.connections)
+
+
+if __name__ == "__main__":
+    main()
