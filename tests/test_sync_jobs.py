@@ -59,12 +59,17 @@ def ids(server: ThreadedEmulator, prefix: str) -> list[str]:
     ]
 
 
-def deliver_spool(server: ThreadedEmulator, spool_dir: Path, count: int) -> None:
-    """A later run on the same spool sends the ``count`` signals the earlier one left there."""
+def deliver_spool(
+    server: ThreadedEmulator, spool_dir: Path, count: int, base_url: str | None = None
+) -> None:
+    """A later run on the same spool sends the ``count`` signals the earlier one left there.
+
+    ``base_url``: the one the earlier run used (spooled signals go to their own destination).
+    """
     with SyncTelemetryClient(
         "test-app",
         namespace="com.example",
-        base_url=server.emu.base_url,
+        base_url=base_url or server.emu.base_url,
         default_user="next-run",
         retry=FAST_RETRY,
         spool_dir=str(spool_dir),
@@ -96,7 +101,7 @@ def test_a_script_that_never_closes_spools_everything_while_the_endpoint_is_down
     assert done.returncode == 0, done.stderr
     assert books(done.stdout)["exit"] == [(40, 0, 40, 0, 0)]
     threaded_emulator.emu.faults.status_always = None
-    deliver_spool(threaded_emulator, tmp_path, 40)
+    deliver_spool(threaded_emulator, tmp_path, 40, url)
     assert sorted(ids(threaded_emulator, "cron-")) == sorted(f"cron-{i}" for i in range(40))
 
 
