@@ -496,9 +496,12 @@ def test_lifecycle_imports_nothing_above_it() -> None:
     import telemetrydeck_async._lifecycle as lifecycle
 
     tree = ast.parse(Path(lifecycle.__file__).read_text(encoding="utf-8"))
-    imported = {
-        node.module or ""
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.level == 1
-    }
-    assert imported <= {"_config", "_stats"}, imported
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            name = "." * node.level + (node.module or "")
+            imported.update(f"{name}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.startswith((".", "telemetrydeck_async"))}
+    assert ours == {"._config.ClientConfig", "._stats.FlushResult"}, ours
