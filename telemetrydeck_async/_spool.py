@@ -1639,13 +1639,19 @@ def append_pending_blocking(
         hostname=socket.gethostname(),
     )
     batch = tuple(records)
-    result = AppendResult((), len(batch), 0)
-    worker = _Worker(settings, _Reporter())  # its thread is never started: we are that thread
+    job = _Job(
+        lambda store: store.append(batch, None),
+        AppendResult((), len(batch), 0),
+        append=(batch, None),
+    )
+    result = job.fallback
+    # The worker's own open, write and close, run here: its thread is never started.
+    worker = _Worker(settings, _Reporter())
     worker._open()
     if not worker.disabled and batch:
         try:
             with worker.store.transaction():
-                (result,) = worker.store.append_many([(batch, None)])
+                (result,) = worker._execute([job])
         except Exception as exc:
             worker._failed(exc)
         else:
