@@ -181,11 +181,11 @@ def child_env() -> dict[str, str]:
 
 
 class Sink:
-    """The counting sink (``sink.py``) in its own process, on a free loopback port."""
+    """The counting sink (``sink.py``) in its own process, on ``port`` (0: a free one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self._proc: asyncio.subprocess.Process | None = None
-        self.port = 0
+        self.port = port
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -202,6 +202,8 @@ class Sink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(HERE / "sink.py"),
+            "--port",
+            str(self.port),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=child_env(),

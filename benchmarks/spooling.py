@@ -208,11 +208,14 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     common: dict[str, Any] = {"namespace": NAMESPACE, "salt": SALT, "session_id": SESSION_ID}
     spill_dir = str(root / "client-spill")
+    # Spooled signals belong to the endpoint they were meant for: the recovery below brings
+    # that endpoint up (a second sink on the same port) rather than pointing elsewhere.
+    down = closed_loopback_port()
 
     # spill: endpoint down, every signal ends on disk (overflow now, the queue at close).
     td = TelemetryClient(
         APP_ID,
-        base_url=f"http://127.0.0.1:{closed_loopback_port()}",
+        base_url=f"http://127.0.0.1:{down}",
         spool_dir=spill_dir,
         max_queue_size=SPILL_QUEUE,  # small, so that nearly all of them overflow to disk
         **common,
@@ -258,18 +261,20 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out["stall_own_p99"] = percentile(own, 99)
     out["stall_samples"] = (len(clean), len(dirty))
 
-    # recovery: a new client on the same directory, healthy endpoint.
-    before = await sink.count()
-    t0 = time.perf_counter()
-    async with TelemetryClient(APP_ID, base_url=sink.base_url, spool_dir=spill_dir, **common) as td:
-        deadline = time.perf_counter() + 120
-        # The client has no event for "n recovered": poll its counters every 5 ms.
-        while td.stats.recovered < out["spill_spooled"] and time.perf_counter() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - t0
-        out["recovered"] = td.stats.recovered
-    out["recovery"] = out["recovered"] / elapsed
-    out["recovery_delivered"] = await sink.count() - before
+    # recovery: a new client on the same directory, the endpoint back up.
+    async with Sink(port=down) as back:
+        t0 = time.perf_counter()
+        async with TelemetryClient(
+            APP_ID, base_url=back.base_url, spool_dir=spill_dir, **common
+        ) as td:
+            deadline = time.perf_counter() + 120
+            # The client has no event for "n recovered": poll its counters every 5 ms.
+            while td.stats.recovered < out["spill_spooled"] and time.perf_counter() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - t0
+            out["recovered"] = td.stats.recovered
+        out["recovery"] = out["recovered"] / elapsed
+        out["recovery_delivered"] = await back.count()
 
     # always: concurrent callers, each signal written ahead before signal() returns.
     before = await sink.count()

@@ -23,11 +23,22 @@ from typing import Any
 
 from ._common import HERE, Row, Sink, fmt, machine
 from .figures import Settings, burst, caller_cost, loop_stall, shutdown, throughput
+from .hooks import hook_cost
 from .memory import memory
 from .spooling import spool_figures
 from .sync import sync_caller_cost
 
-FIGURES = ("caller", "throughput", "stall", "memory", "burst", "spool", "shutdown", "sync")
+FIGURES = (
+    "caller",
+    "hooks",
+    "throughput",
+    "stall",
+    "memory",
+    "burst",
+    "spool",
+    "shutdown",
+    "sync",
+)
 
 
 def table(rows: list[Row]) -> str:
@@ -64,6 +75,7 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
 
         steps: dict[str, Callable[[], Awaitable[list[Row]]]] = {
             "caller": with_sink(caller_cost),
+            "hooks": with_sink(hook_cost),
             "throughput": with_sink(throughput),
             "stall": with_sink(loop_stall),
             "memory": lambda: memory(settings.memory_n),

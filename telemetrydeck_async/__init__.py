@@ -18,6 +18,7 @@ from ._sync import SyncTelemetryClient
 from ._version import __version__
 from .exceptions import (
     AuthenticationError,
+    CertificateError,
     ClientClosedError,
     ConfigurationError,
     DeliveryError,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DROP_REASONS",
     "AuthenticationError",
+    "CertificateError",
     "ClientClosedError",
     "ClientConfig",
     "ConfigurationError",

@@ -15,8 +15,10 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ._client import TelemetryClient
+from ._flusher import describe_wait
 from ._retry import RetryPolicy
 from ._version import __version__
 from .exceptions import TelemetryDeckError
@@ -39,7 +41,34 @@ def _print_table(rows: Sequence[tuple[str, str]], title: str) -> None:
         print(f"{key:<{width}}  {value:>10}")
 
 
-async def _demo(count: int, fail_next: int, outage: float) -> int:
+class _DemoEvents(logging.Handler):
+    """Prints what the client does, one line per event as it happens, with the time since start.
+
+    Every retry is a line of its own (the client's WARNING about retries is rate-limited, so
+    the demo shows the DEBUG event behind it instead); other warnings and errors are shown
+    as they are.
+    """
+
+    def __init__(self, started: float) -> None:
+        super().__init__(logging.DEBUG)
+        self.started = started
+
+    def line(self, text: str) -> None:
+        print(f"  {time.perf_counter() - self.started:6.2f} s  {text}", flush=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "telemetrydeck_event", None)
+        if event == "retry":
+            exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            status = getattr(exc, "status", None)
+            why = f"HTTP {status}" if status is not None else str(exc)
+            wait = describe_wait(getattr(record, "telemetrydeck_wait", 0.0))
+            self.line(f"request refused ({why}); backing off, retry in {wait}")
+        elif record.levelno >= logging.WARNING and not record.msg.startswith("request to the"):
+            self.line(f"{record.levelname}: {record.getMessage()}")
+
+
+async def _demo(count: int, fail_next: int, outage: float, verbose: bool) -> int:
     # Imported here so `send` does not pay for the emulator's imports.
     from .devserver import FaultPlan, IngestEmulator
 
@@ -50,13 +79,23 @@ async def _demo(count: int, fail_next: int, outage: float) -> int:
         print(f"local ingest emulator on {emulator.base_url} (first {fail_next} requests get 503)")
         if outage:
             print(f"half-way through, the emulator answers 503 to everything for {outage:g} s")
+        print("what happens, as it happens:")
         started = time.perf_counter()
+        events = _DemoEvents(started)
+        package_log = logging.getLogger("telemetrydeck_async")
+        level = package_log.level
+        if not verbose:  # with -v the full log is shown instead
+            package_log.setLevel(logging.DEBUG)
+            package_log.addHandler(events)
+            package_log.propagate = False
         outage_task: asyncio.Task[None] | None = None
 
         async def outage_window() -> None:
+            events.line(f"outage begins: every request gets 503 for {outage:g} s")
             emulator.faults.status_always = 503
             await asyncio.sleep(outage)
             emulator.faults.status_always = None
+            events.line("outage over: the emulator accepts requests again")
 
         async with TelemetryClient(
             "demo-app-id",
@@ -85,6 +124,12 @@ async def _demo(count: int, fail_next: int, outage: float) -> int:
                 await outage_task
             result = await td.flush()
             stats = td.stats
+        events.line(
+            f"flushed: {stats.sent} sent, {stats.dropped_total} dropped, {stats.pending} pending"
+        )
+        package_log.removeHandler(events)
+        package_log.setLevel(level)
+        package_log.propagate = True
         elapsed = time.perf_counter() - started
         received = emulator.count_by_type()
         rows = [(t, str(received.get(t, 0))) for t in _DEMO_TYPES]
@@ -127,7 +172,10 @@ def _parse_payload(items: Sequence[str]) -> dict[str, str | int | float | bool]:
 
 
 async def _send(args: argparse.Namespace) -> int:
-    options = {"base_url": args.base_url} if args.base_url else {}
+    options: dict[str, Any] = {}
+    for option in ("base_url", "proxy", "ssl"):
+        if getattr(args, option):
+            options[option] = getattr(args, option)
     async with TelemetryClient(
         args.app_id,
         namespace=args.namespace,
@@ -189,6 +237,16 @@ def _build_parser() -> argparse.ArgumentParser:
     send.add_argument("--test-mode", action="store_true", help="mark the signal as test data")
     send.add_argument("--base-url", help="ingest server (default: TelemetryDeck's)")
     send.add_argument("--timeout", type=float, default=15.0, help="seconds to try (15)")
+    send.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="http://[user:password@]host:port (default: HTTPS_PROXY / NO_PROXY)",
+    )
+    send.add_argument(
+        "--ssl",
+        metavar="CA_BUNDLE",
+        help="a PEM file of CA certificates to trust (a private CA, a TLS-inspecting proxy)",
+    )
 
     devserver = commands.add_parser("devserver", help="run the local ingest emulator")
     add_devserver_arguments(devserver)
@@ -209,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "demo":
-            return asyncio.run(_demo(args.count, args.fail_next, args.outage))
+            return asyncio.run(_demo(args.count, args.fail_next, args.outage, args.verbose))
         if args.command == "send":
             return asyncio.run(_send(args))
         if args.command == "spool":

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import logging
 import math
 import os
+import ssl as _ssl
 import time
 import uuid
 import warnings
@@ -26,6 +28,7 @@ from . import _lifecycle
 from ._batcher import Batcher
 from ._config import (
     DEFAULT_BASE_URL,
+    BeforeSend,
     ClientConfig,
     Durability,
     OnDrop,
@@ -126,6 +129,20 @@ class TelemetryClient(Presets):
         enabled: False makes every call a no-op (arguments are still validated, so tests
             catch bad calls): no task, no file, no network, all stats zero. The environment
             variable ``TELEMETRYDECK_DISABLED=1`` does the same for every client.
+        proxy: an ``http://[user:password@]host:port`` proxy for every request; wins over
+            the environment. Loopback hosts are never proxied.
+        ssl: a CA bundle path (file or directory) or an ``ssl.SSLContext`` for servers or
+            TLS-inspecting proxies signed by a private CA. Default: the system's trust store.
+            Verification is never off unless a context says so (then a WARNING is logged).
+        trust_env: read ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (default True), as
+            ``requests`` and ``httpx`` do.
+        before_send: ``before_send(signal) -> signal | None``, called in the caller's thread
+            for each accepted signal with a plain dict (``type``, ``payload``,
+            ``floatValue``, ``sessionID``, ``isTestMode``; ``payload`` holds your keys and
+            ``default_payload``, not the SDK's ``TelemetryDeck.*`` keys). Return it, changed
+            or not, or None to drop it (counted in ``stats.dropped["before_send"]``). What it
+            returns is checked like a call's arguments; if it raises, the signal is kept as
+            it was and a WARNING is logged (rate-limited).
     """
 
     def __init__(
@@ -158,6 +175,10 @@ class TelemetryClient(Presets):
         payload_prefix: str | None = None,
         default_user_file: str | os.PathLike[str] | None = None,
         enabled: bool = True,
+        proxy: str | None = None,
+        ssl: str | os.PathLike[str] | _ssl.SSLContext | None = None,
+        trust_env: bool = True,
+        before_send: BeforeSend | None = None,
     ) -> None:
         self._config = config = ClientConfig(
             app_id=app_id,
@@ -187,6 +208,10 @@ class TelemetryClient(Presets):
             default_user_file=default_user_file,
             enabled=enabled,
             base_url=base_url,
+            proxy=proxy,
+            ssl=ssl,
+            trust_env=trust_env,
+            before_send=before_send,
         )
         self._enabled = config.enabled and not disabled_by_env()
         self._session_id = config.session_id or str(uuid.uuid4())
@@ -196,10 +221,11 @@ class TelemetryClient(Presets):
         # The base payload of every signal, built once: the (prefixed) default payload, then
         # the SDK parameters, which nothing can override. Signals share this dict when the
         # call has no payload of its own (signals never mutate their payload).
-        self._default_payload: dict[str, PayloadValue] = {
+        self._caller_defaults: dict[str, PayloadValue] = {
             prefix + key: value for key, value in config.default_payload.items()
         }
-        self._default_payload.update(sdk_parameters(config.app_version))
+        self._sdk_payload = sdk_parameters(config.app_version)
+        self._default_payload = {**self._caller_defaults, **self._sdk_payload}
         # ...and encoded once: each signal then carries only its own keys, and the encoder
         # writes this fragment in front of them. The caller's default keys are the only ones
         # a call may override (SDK keys cannot be set by callers): such a call merges instead.
@@ -210,6 +236,8 @@ class TelemetryClient(Presets):
         if not self._enabled:
             self._default_user = _DISABLED_USER
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
+        # A disabled client never calls the hook: it sends nothing, so there is nothing to vet.
+        self._before_send = config.before_send if self._enabled else None
         self._new_pipeline()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -247,6 +275,9 @@ class TelemetryClient(Presets):
             config.endpoint_url,
             config.request_timeout,
             max_connections=config.max_concurrent_requests,
+            proxy=config.proxy,
+            ssl=config.ssl,
+            trust_env=config.trust_env,
         )
 
     @classmethod
@@ -553,7 +584,8 @@ class TelemetryClient(Presets):
         float_value: float | None,
         test_mode: bool | None,
         params: dict[str, PayloadValue] | None = None,
-    ) -> Signal:
+    ) -> Signal | None:
+        # None only when before_send dropped the signal (already counted).
         # ``params``: the TelemetryDeck keys of a preset, already validated. Only presets pass
         # them, and only they may use a reserved type (they never pass a caller's unchecked one).
         if params is None:
@@ -602,6 +634,51 @@ class TelemetryClient(Presets):
             raise InvalidSignalError("session_id", "must be a non-empty str or None")
         elif not session_id.isascii():
             check_utf8("session_id", session_id)
+        hook = self._before_send
+        if hook is not None:  # the whole cost of the hook when none is set
+            # Inline, not a method: a hook that changes nothing must stay cheap (benchmarks/).
+            # The hook may change the payload in place: it gets a copy, and what it returns is
+            # compared with the checked original (one small copy; comparing with the caller's
+            # argument instead would let a changed value skip the checks).
+            defaults = self._caller_defaults
+            if shared is not None and not params:
+                shown = {**defaults, **own} if defaults else dict(own)
+                reference = shown.copy() if defaults else own
+            else:  # own holds SDK or preset keys too: show only the caller's
+                mine = {k: v for k, v in own.items() if not k.startswith(SDK_KEY_PREFIX)}
+                shown = mine if shared is None else {**defaults, **mine}
+                reference = shown.copy()
+            view: dict[str, Any] = {
+                "type": signal_type,
+                "payload": shown,
+                "floatValue": float_value,
+                "sessionID": session_id,
+                "isTestMode": test_mode,
+            }
+            try:
+                result = hook(view)
+            except Exception as exc:
+                self._accounting.warnings.log(
+                    logging.WARNING,
+                    "before_send",
+                    "the before_send hook raised %s; the signal is sent unchanged",
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+            else:
+                if not (
+                    result is view
+                    and view.get("type") is signal_type
+                    and view.get("floatValue") is float_value
+                    and view.get("payload") is shown
+                    and shown == reference
+                ):
+                    vetted = self._vet(result, view, signal_type, shown, reference, hashed)
+                    if vetted is None:
+                        return None
+                    signal_type, new_payload, float_value = vetted
+                    if new_payload is not None:  # replaced: no shared fragment
+                        own, shared = {**self._sdk_payload, **new_payload, **(params or {})}, None
         signal = Signal(
             signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared
         )
@@ -611,9 +688,70 @@ class TelemetryClient(Presets):
             if size > limit:
                 raise InvalidSignalError(
                     "payload",
-                    f"the signal encodes to {size} bytes, more than max_batch_bytes allows",
+                    f"the signal encodes to {size} bytes, more than the {limit + 2} bytes "
+                    f"max_batch_bytes allows for one request; send less (large values belong "
+                    f"in your own storage, with an id in the payload) or raise max_batch_bytes",
                 )
         return signal
+
+    def _vet(
+        self,
+        result: object,
+        view: dict[str, Any],
+        original_type: str,
+        shown: dict[str, PayloadValue],
+        reference: Mapping[str, PayloadValue],
+        hashed: str,
+    ) -> tuple[str, dict[str, PayloadValue] | None, float | None] | None:
+        """Check what ``before_send`` returned: type, new payload (None: unchanged), floatValue.
+
+        None when the hook dropped the signal (counted here). A bad result raises
+        ``InvalidSignalError`` naming the field, as the same value in a call would.
+        """
+        if result is None:
+            app_id = self._config.app_id
+            self._count_hook_drop(lambda: [{"appID": app_id, "clientUser": hashed, **view}])
+            return None
+        if type(result) is not dict:
+            raise InvalidSignalError(
+                "before_send",
+                f"must return the signal dict or None, got {type(result).__name__}",
+            )
+        signal_type: Any = result.get("type")
+        new_payload = result.get("payload")
+        float_value = result.get("floatValue")
+        try:
+            if signal_type != original_type:  # a preset's reserved type may stay as it is
+                signal_type = validate_type(signal_type)
+            if float_value is not None:
+                float_value = validate_float_value(float_value)
+            if new_payload is shown and shown == reference:
+                payload = None
+            else:
+                payload = normalize_payload({} if new_payload is None else new_payload)
+        except InvalidSignalError as exc:
+            field = {"float_value": "floatValue"}.get(exc.field, exc.field)
+            raise InvalidSignalError(f"{field} (returned by before_send)", exc.reason) from None
+        return signal_type, payload, float_value
+
+    def _count_hook_drop(self, bodies: Callable[[], list[dict[str, Any]]]) -> None:
+        """Count a signal ``before_send`` dropped: accepted, then dropped, on the loop."""
+
+        def record() -> None:
+            self._accounting.record_enqueued()
+            self._accounting.record_dropped("before_send", 1, bodies)
+
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            # Another thread (signal_threadsafe): the counters belong to the loop's thread.
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody else counts
+                loop.call_soon_threadsafe(record)
+                return
+        record()
 
     def _resolve_default_user(self) -> str:
         # Once per client, on the first signal that names no user: a small file read (and on
@@ -626,9 +764,9 @@ class TelemetryClient(Presets):
         self._default_user = user
         if created:
             # A new installation, as the official SDKs report on first launch.
-            self._enqueue_anywhere(
-                self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {})
-            )
+            signal = self._build(NEW_INSTALL_DETECTED, user, None, None, None, None, {})
+            if signal is not None:
+                self._enqueue_anywhere(signal)
         return user
 
     def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
@@ -826,7 +964,8 @@ class TelemetryClient(Presets):
                 "TelemetryClient(...)' or 'await client.start()' on the loop that owns it first"
             )
         signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
-        self._enqueue_anywhere(signal)
+        if signal is not None:
+            self._enqueue_anywhere(signal)
 
     def _enqueue_anywhere(self, signal: Signal) -> None:
         """Enqueue on the loop thread directly, from any other thread through the loop."""

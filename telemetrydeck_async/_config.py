@@ -7,9 +7,11 @@ the option, never later inside the background task.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import re
+import ssl as _ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -23,13 +25,17 @@ from .exceptions import ConfigurationError, InvalidSignalError
 __all__ = [
     "DEFAULT_BASE_URL",
     "ENV_VARIABLES",
+    "BeforeSend",
     "ClientConfig",
     "Durability",
     "OnDrop",
     "OnError",
     "disabled_by_env",
+    "is_loopback",
     "options_from_env",
 ]
+
+log = logging.getLogger("telemetrydeck_async")
 
 DEFAULT_BASE_URL: Final = "https://nom.telemetrydeck.com"
 
@@ -38,6 +44,10 @@ Durability = Literal["spill", "always"]
 OnDrop = Callable[[Sequence[Mapping[str, Any]], str], None]
 #: ``on_error(exc)``: a delivery or spool error the background task handled.
 OnError = Callable[[BaseException], None]
+#: ``before_send(signal) -> signal | None``: sees each accepted signal as a plain dict with the
+#: wire names (``type``, ``payload``, ``floatValue``, ``sessionID``, ``isTestMode``); returns
+#: it (changed or not), or None to drop it.
+BeforeSend = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
 # Reverse-DNS style, URL-safe without escaping: letters, digits, dot, dash, underscore.
 # At most 255 characters, like a DNS name: it goes into the request line, which servers bound.
@@ -45,7 +55,8 @@ _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (never proxied, http:// allowed)."""
     if host.lower() in _LOOPBACK_NAMES:
         return True
     try:
@@ -66,7 +77,7 @@ def check_base_url(value: str) -> str:
     if parts.scheme == "https" and host:
         pass
     elif parts.scheme == "http" and host:
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ConfigurationError(
                 "base_url",
                 f"plain http:// is allowed only for loopback hosts, got {host!r}; use https://",
@@ -75,7 +86,95 @@ def check_base_url(value: str) -> str:
         raise ConfigurationError("base_url", f"must be an https:// URL with a host, got {value!r}")
     if parts.query or parts.fragment:
         raise ConfigurationError("base_url", "must not have a query string or fragment")
+    path = parts.path.rstrip("/")
+    if "/v2/" in path + "/":
+        # The most common mistake: the full endpoint pasted where the server root belongs.
+        raise ConfigurationError(
+            "base_url",
+            f"must be the server root, without the API path (got {value!r}); the client "
+            "appends /v2/namespace/<namespace>/ itself, e.g. base_url="
+            f"{parts.scheme + '://' + parts.netloc!r}",
+        )
+    # Any other path is kept as a prefix (a gateway that serves the API under /telemetry):
+    # requests go to {base_url}/v2/namespace/{namespace}/.
     return value.rstrip("/")
+
+
+def _check_proxy(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError("proxy", "must be a proxy URL such as 'http://proxy:3128' or None")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError("proxy", "is not a valid URL (check the port)") from None
+    if parts.scheme != "http" or not parts.hostname:
+        # Never echo the value: it may hold a password.
+        raise ConfigurationError(
+            "proxy",
+            "must be an http:// URL with a host, e.g. 'http://user:password@proxy.example:3128' "
+            "(TLS to the endpoint still goes through the proxy's CONNECT tunnel)",
+        )
+    if port is None:
+        raise ConfigurationError("proxy", "must name the proxy's port, e.g. ':3128'")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ConfigurationError("proxy", "must not have a path, query or fragment")
+    return value
+
+
+def _make_ssl_context(value: object) -> _ssl.SSLContext | None:
+    if value is None:
+        return None
+    if isinstance(value, _ssl.SSLContext):
+        if value.verify_mode == _ssl.CERT_NONE or not value.check_hostname:
+            log.warning(
+                "the ssl= context does not verify the server's certificate%s: anyone on the "
+                "path can read and change the signals; pass the CA bundle instead",
+                "" if value.verify_mode == _ssl.CERT_NONE else " host name",
+            )
+        return value
+    if isinstance(value, bool):
+        # No boolean shortcut: verification stays on unless a context turns it off knowingly.
+        raise ConfigurationError(
+            "ssl",
+            "takes a CA bundle path or an ssl.SSLContext, not a bool: certificates are always "
+            "verified (the default, None, uses the system's trust store); to trust a private "
+            "or proxy CA pass its bundle, e.g. ssl='/etc/ssl/corp-ca.pem'",
+        )
+    path = _fspath("ssl", value, "a CA bundle path or an ssl.SSLContext")
+    try:
+        if os.path.isdir(path):
+            return _ssl.create_default_context(capath=path)
+        return _ssl.create_default_context(cafile=path)
+    except (OSError, _ssl.SSLError) as exc:
+        raise ConfigurationError(
+            "ssl",
+            f"cannot load the CA bundle {path!r} ({exc}); pass a PEM file of CA certificates "
+            "or a directory of hashed ones",
+        ) from None
+
+
+def _check_before_send(_inst: object, _attr: object, value: BeforeSend | None) -> None:
+    if value is not None and not callable(value):
+        raise ConfigurationError(
+            "before_send",
+            f"must be a function taking the signal dict and returning it or None, "
+            f"got {type(value).__name__}",
+        )
+
+
+def _check_spool_dir(_inst: object, attr: attrs.Attribute[str | None], value: object) -> None:
+    _check_optional_str(_inst, attr, value)
+    # Certain at construction: a path that exists and is not a directory can never work.
+    # Everything else (missing, read-only, full) is found out when the spool opens.
+    if isinstance(value, str) and os.path.exists(value) and not os.path.isdir(value):
+        raise ConfigurationError(
+            "spool_dir",
+            f"{value!r} exists and is not a directory; pass a directory path (it is created "
+            "if missing) or None for memory only",
+        )
 
 
 def _check_namespace(_inst: object, _attr: object, value: str | None) -> None:
@@ -90,8 +189,16 @@ def _check_namespace(_inst: object, _attr: object, value: str | None) -> None:
 
 
 def _check_app_id(_inst: object, _attr: object, value: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError("app_id", "must be the non-empty app ID from the dashboard")
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            "app_id",
+            f"must be a str (the app ID from the dashboard, e.g. 'B97579B6-FFB8-4AC5-AAA7-"
+            f"DA5796CC5DCE'), got {type(value).__name__} {value!r:.60}",
+        )
+    if not value.strip():
+        raise ConfigurationError(
+            "app_id", "must be the non-empty app ID from the dashboard, got an empty str"
+        )
 
 
 def _positive_int(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
@@ -134,16 +241,20 @@ def _check_prefix(_inst: object, attr: attrs.Attribute[str | None], value: objec
         )
 
 
-def _optional_path(value: object) -> str | None:
-    if value is None:
-        return None
+def _fspath(option: str, value: object, wanted: str) -> str:
+    """``value`` as a str path (``os.PathLike`` accepted), or ``ConfigurationError``."""
     try:
         path = os.fspath(value)  # type: ignore[call-overload]  # checked by the except below
     except TypeError:
-        raise ConfigurationError(
-            "default_user_file", f"must be a path or None, got {type(value).__name__}"
-        ) from None
-    if not isinstance(path, str) or not path:
+        raise ConfigurationError(option, f"must be {wanted}, got {type(value).__name__}") from None
+    return path if isinstance(path, str) else os.fsdecode(path)
+
+
+def _optional_path(value: object) -> str | None:
+    if value is None:
+        return None
+    path = _fspath("default_user_file", value, "a path or None")
+    if not path:
         raise ConfigurationError("default_user_file", "must be a non-empty str path or None")
     return path
 
@@ -179,7 +290,7 @@ class ClientConfig:
     close_timeout: float = attrs.field(default=10.0, validator=_positive_float)
     max_concurrent_requests: int = attrs.field(default=2, validator=_positive_int)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy, validator=_check_retry)
-    spool_dir: str | None = attrs.field(default=None, validator=_check_optional_str)
+    spool_dir: str | None = attrs.field(default=None, validator=_check_spool_dir)
     durability: Durability = attrs.field(default="spill", validator=_check_durability)
     spool_max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive_int)
     spool_max_age: float = attrs.field(default=7 * 86400.0, validator=_positive_float)
@@ -190,6 +301,10 @@ class ClientConfig:
     payload_prefix: str | None = attrs.field(default=None, validator=_check_prefix)
     default_user_file: str | None = attrs.field(default=None, converter=_optional_path)
     enabled: bool = True
+    proxy: str | None = attrs.field(default=None, repr=False, converter=_check_proxy)
+    ssl: _ssl.SSLContext | None = attrs.field(default=None, converter=_make_ssl_context)
+    trust_env: bool = True
+    before_send: BeforeSend | None = attrs.field(default=None, validator=_check_before_send)
 
     def __attrs_post_init__(self) -> None:
         if type(self.salt) is not str:
@@ -198,6 +313,8 @@ class ClientConfig:
             raise ConfigurationError("test_mode", "must be a bool")
         if type(self.enabled) is not bool:
             raise ConfigurationError("enabled", "must be a bool")
+        if type(self.trust_env) is not bool:
+            raise ConfigurationError("trust_env", "must be a bool")
         # Text that ends up in every signal: one that cannot be encoded would fail every batch.
         for name in (
             "app_id",

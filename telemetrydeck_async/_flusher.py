@@ -36,21 +36,33 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._retry import retry_call
 from ._signal import Signal, encode_signal
-from ._spool import Spool, SpoolRecord, append_pending_blocking, open_spool
+from ._spool import Destination, Spool, SpoolRecord, append_pending_blocking, open_spool
 from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
     AuthenticationError,
+    CertificateError,
     DeliveryError,
     PayloadTooLargeError,
     RedirectError,
     RejectedError,
     RetryableStatusError,
+    SpoolError,
 )
 
-__all__ = ["Flusher"]
+__all__ = ["Flusher", "describe_wait"]
 
 log = logging.getLogger("telemetrydeck_async")
+
+
+def describe_wait(seconds: float) -> str:
+    """A wait for people: ``"40 ms"`` below a second (never ``"0.0 s"``), else ``"2.5 s"``."""
+    if seconds < 0.0005:
+        return "no wait"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s"
+
 
 # Statuses that mean "the server as a whole is overloaded": every request waits, not just one.
 _PAUSING_STATUSES = frozenset({429, 503})
@@ -331,7 +343,7 @@ class Flusher:
                 return batch.split()  # bisect: one bad signal must not sink the others
             self.accounting.record_error(exc)
             self._drop(batch, "rejected", exc.body[:200])
-        except AuthenticationError as exc:
+        except (AuthenticationError, CertificateError) as exc:
             self.accounting.record_error(exc)
             self._on_auth_failure(exc)
             await self._keep(batch)
@@ -380,9 +392,9 @@ class Flusher:
             self.accounting.warnings.log(
                 logging.WARNING,
                 "pause",
-                "ingest endpoint answered %d; pausing all requests for %.1f s",
+                "ingest endpoint answered %d; pausing all requests for %s",
                 exc.status,
-                wait,
+                describe_wait(wait),
             )
 
     async def _wait_out_pause(self) -> None:
@@ -406,13 +418,29 @@ class Flusher:
         self.accounting.warnings.log(
             logging.WARNING,
             f"retry:{type(exc).__name__}",
-            "request to the ingest endpoint failed (%s); retrying in %.1f s",
+            "request to the ingest endpoint failed (%s); retrying in %s",
             exc,
-            wait,
+            describe_wait(wait),
+        )
+        # Every retry at DEBUG (the WARNING above is rate-limited); `event` lets a handler,
+        # such as the demo's, pick these out without parsing the text.
+        log.debug(
+            "request failed (%s); retrying in %s",
+            exc,
+            describe_wait(wait),
+            extra={"telemetrydeck_event": "retry", "telemetrydeck_wait": wait},
         )
 
-    def _on_auth_failure(self, exc: AuthenticationError) -> None:
-        if self._auth_failed_at is None and isinstance(exc, RedirectError):
+    def _on_auth_failure(self, exc: AuthenticationError | CertificateError) -> None:
+        if self._auth_failed_at is not None:
+            pass
+        elif isinstance(exc, CertificateError):
+            log.error(
+                "%s. Signals are kept and the endpoint will be probed every %g s.",
+                exc,
+                self.config.retry.auth_probe_interval,
+            )
+        elif isinstance(exc, RedirectError):
             log.error(
                 "the ingest endpoint %s answered HTTP %d, a redirect to %s. Redirects are never "
                 "followed (the signals would go elsewhere): check base_url (https:// rather "
@@ -423,7 +451,7 @@ class Flusher:
                 exc.location or "(no Location header)",
                 self.config.retry.auth_probe_interval,
             )
-        elif self._auth_failed_at is None:
+        else:
             log.error(
                 "the ingest endpoint refused app ID %r (namespace %r) with HTTP %d: check the "
                 "app ID and namespace in the TelemetryDeck dashboard. Signals are kept and the "
@@ -479,7 +507,12 @@ class Flusher:
             self.accounting.record_spooled(len(written))
         if result is not None:
             self.accounting.record_stored(
-                rest.bodies, len(result.ids), result.failed, result.evicted, detail
+                rest.bodies,
+                len(result.ids),
+                result.failed,
+                # rejected: this write's own oldest that did not fit (never on disk).
+                result.evicted + result.rejected,
+                detail,
             )
 
     def _drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
@@ -511,11 +544,16 @@ class Flusher:
                 max_bytes=config.spool_max_bytes,
                 max_age=config.spool_max_age,
                 durability=config.durability,
+                destination=Destination(config.endpoint_url, config.app_id),
             )
         except Exception as exc:  # never into the app: carry on memory-only
             log.exception("could not open the spool in %s; memory only", directory)
             self.accounting.record_error(exc)
             return None
+        if spool.disabled:  # the spool logged why; stats.last_error says it too
+            self.accounting.record_error(
+                SpoolError(f"spool_dir {directory!r} cannot be used; running memory only")
+            )
         self.spool = spool
         await self._read_spool_figures(spool)
         return spool
@@ -556,6 +594,12 @@ class Flusher:
 
     async def _read_spool_figures(self, spool: Spool) -> None:
         status = await spool.status()
+        if status.error is not None:
+            # Unknown is not empty: a failed read must not tell ``spool drain`` (or anyone
+            # watching stats) that everything was sent.
+            self.accounting.record_spool_figures(None, None)
+            self.accounting.record_error(SpoolError(f"could not read the spool: {status.error}"))
+            return
         self.accounting.record_spool_figures(status.records, status.bytes)
 
     async def _recover_forever(self) -> None:
@@ -828,13 +872,15 @@ class Flusher:
                     max_bytes=config.spool_max_bytes,
                     max_age=config.spool_max_age,
                     durability=config.durability,
+                    destination=Destination(config.endpoint_url, config.app_id),
                 )
         except Exception:
             log.warning(
                 "could not write %d signal(s) to the spool at exit", len(records), exc_info=True
             )
             return 0, len(records), 0
-        return len(result.ids), result.failed, result.evicted
+        # rejected: this write's own oldest that did not fit (never on disk).
+        return len(result.ids), result.failed, result.evicted + result.rejected
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:
         acc = self.accounting

@@ -15,7 +15,7 @@ One directory (created with mode 0700) holds::
     spool.sqlite3.corrupt-<UTC time>-<pid>-<tag>[-wal|-shm]
                          a damaged database moved aside, kept for inspection
 
-Schema (``PRAGMA user_version`` = 1)::
+Schema (``PRAGMA user_version`` = 2)::
 
     records(id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, see below
             received_at REAL,     -- unix seconds of the signal's receivedAt: FIFO order and expiry
@@ -23,13 +23,24 @@ Schema (``PRAGMA user_version`` = 1)::
             crc INTEGER,          -- zlib.crc32(body): salvage keeps only rows that still match
             owner TEXT NULL,      -- NULL = pending; else the owner id of the process sending it
             adopted INTEGER,      -- 1 = taken from a dead owner and not claimed since
-            body BLOB)            -- the signal's JSON object, UTF-8, exactly as handed in
-    index records_by_age(received_at, id)
+            body BLOB,            -- the signal's JSON object, UTF-8, exactly as handed in
+            dest INTEGER NULL)    -- destinations.id; NULL = written by schema 1, nobody's yet
+    index records_by_age(received_at, id)         -- eviction (any destination), status
+    index records_by_dest(dest, received_at, id)  -- claims and expiry of one destination
+    destinations(id INTEGER PRIMARY KEY, url TEXT, app_id TEXT, UNIQUE (url, app_id))
     owners(owner TEXT PRIMARY KEY, pid, hostname, lease, started_at, heartbeat_at, closed)
     totals(id = 0, records, bytes)   -- kept by every insert/delete, recounted at each open
     meta(key, value)                 -- 'first_id': where ids of this file start (for salvage)
 
 Only what the caller hands in is stored: bodies arrive encoded, with the user id already hashed.
+
+Destinations: several apps may (by mistake or on purpose) share one directory. A spool opened
+with a :class:`Destination` (the endpoint URL, namespace included, and the app ID) tags every
+record it stores with it and claims and expires only records of that destination, so one
+app's signals never go to another app's namespace. Schema 1 files are migrated in place (one
+``ALTER TABLE``); their records have no destination and are given to the first spool that
+opens the file with one. A spool opened without a destination (the CLI's ``status``) claims
+records of any destination.
 
 Record ids are never reused (``AUTOINCREMENT``) and a fresh file starts counting at the current
 time in microseconds, so an id held by a process from before a crash or a repair can never
@@ -104,6 +115,7 @@ import queue
 import secrets
 import socket
 import sqlite3
+import struct
 import threading
 import time
 import warnings
@@ -125,6 +137,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "AppendResult",
     "ClaimResult",
+    "Destination",
+    "DestinationInfo",
     "OwnerInfo",
     "Spool",
     "SpoolRecord",
@@ -138,7 +152,7 @@ _T = TypeVar("_T")
 
 DB_NAME: Final = "spool.sqlite3"
 LOCK_NAME: Final = "spool.lock"
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 #: How long one statement waits for another process's write lock before it fails.
 _BUSY_TIMEOUT: Final = 5.0
 #: Seconds between passive WAL checkpoints while there are writes ("spill"'s durability window).
@@ -149,9 +163,6 @@ _MAX_JOBS_PER_TRANSACTION: Final = 1024
 _LOG_INTERVAL: Final = 60.0
 #: Keep the WAL file from staying huge after a burst.
 _JOURNAL_SIZE_LIMIT: Final = 8 * 2**20
-#: Bound on failed reads while salvaging a damaged file, so a hopeless file cannot stall startup.
-_SALVAGE_MAX_FAILURES: Final = 10_000
-_SALVAGE_MAX_CONSECUTIVE_FAILURES: Final = 64
 _SQL_VARIABLES_PER_STATEMENT: Final = 500
 #: Variables per statement where the limit cannot be asked (SQLite's default before 3.32).
 _OLD_VARIABLE_LIMIT: Final = 999
@@ -168,13 +179,45 @@ def _variable_limit(conn: sqlite3.Connection) -> int:
     return min(limit, 30_000)
 
 
-_MAX_ROWID: Final = 2**63 - 1
 _SQLITE_CORRUPT: Final = 11
+_SQLITE_FULL: Final = 13
 _SQLITE_NOTADB: Final = 26
+#: Disk space kept free for the spool's own bookkeeping (claims, acks, heartbeats and the
+#: checkpoint that moves the WAL into the database) once the filesystem is nearly full.
+_DISK_RESERVE: Final = 256 * 1024
+#: Bytes of pages one byte of body costs at most (row header, two index entries, page fill).
+#: Pessimistic on purpose: too high evicts a little early, too low lets SQLite hit ENOSPC.
+_PAGE_FACTOR: Final = 2.0
+#: Below this much free disk (beyond what a transaction needs) the spool watches every write.
+_TIGHT_DISK: Final = 16 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
 # Values
+
+
+@attrs.frozen
+class Destination:
+    """Where the records of one spool go: the endpoint URL (namespace included) and app ID.
+
+    ``url`` is the client's ``endpoint_url``, e.g. ``http://host/v2/namespace/com.example/``.
+    """
+
+    url: str
+    app_id: str
+
+
+@attrs.frozen
+class DestinationInfo:
+    """How many records one destination has in the spool (``status(by_destination=True)``).
+
+    ``destination`` is None for records that have none (written by an older version, or
+    salvaged from a file whose destination rows were damaged).
+    """
+
+    destination: Destination | None
+    records: int
+    bytes: int
 
 
 @attrs.frozen
@@ -195,16 +238,19 @@ class AppendResult:
     """What :meth:`Spool.append` did.
 
     ``ids`` are the ids of the stored records in the order given. When the spool is full they
-    are the ids of the *last* ``len(ids)`` records given: a batch larger than ``max_bytes`` on its
-    own loses its first (oldest) records, counted in ``evicted``. On a disk error nothing of
-    the batch is stored and ``failed`` counts it all. ``evicted`` counts records deleted to stay
-    within ``max_bytes`` (older records of any owner, and records of this batch that could not
-    fit); the caller reports them as dropped ("spool_full").
+    are the ids of the *last* ``len(ids)`` records given: a batch larger than ``max_bytes`` (or
+    than what a nearly full disk can take) on its own loses its first (oldest) records,
+    counted in ``rejected``. On a disk error nothing of the batch is stored and ``failed``
+    counts it all. ``evicted`` counts older records (of any owner) deleted to stay within
+    ``max_bytes`` or the disk. The caller reports ``rejected`` and ``evicted`` as dropped
+    ("spool_full"): the first were never spooled, the second had been.
+    ``len(ids) + failed + rejected`` is always the number of records given.
     """
 
     ids: tuple[int, ...]
     failed: int
     evicted: int
+    rejected: int = 0
 
 
 @attrs.frozen
@@ -247,6 +293,9 @@ class SpoolStatus:
     ``records`` and ``bytes`` count every stored record (pending and claimed); ``bytes`` is the
     sum of body sizes, the figure ``max_bytes`` limits (the file is somewhat larger).
     ``disabled`` is true when the spool could not be used and the client runs memory-only.
+    ``error`` is set when the spool could not be read just now (the figures are then zeros
+    and mean nothing: *unknown*, never *empty*). ``destinations`` is filled only when asked
+    for (``status(by_destination=True)``): it costs a scan of the table.
     """
 
     records: int
@@ -256,6 +305,8 @@ class SpoolStatus:
     owners: tuple[OwnerInfo, ...]
     path: str
     disabled: bool = False
+    error: str | None = None
+    destinations: tuple[DestinationInfo, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -271,6 +322,7 @@ class _Settings:
     owner_id: str
     pid: int
     hostname: str
+    destination: Destination | None = None
 
     @property
     def db_path(self) -> Path:
@@ -280,6 +332,17 @@ class _Settings:
 # --------------------------------------------------------------------------------------------
 # Schema
 
+#: What schema 2 added to schema 1 (besides ``records.dest``); also run by the migration.
+_DESTINATION_SCHEMA: Final = (
+    # A second index: without it a claim would walk past every record of other destinations.
+    "CREATE INDEX IF NOT EXISTS records_by_dest ON records (dest, received_at, id)",
+    """CREATE TABLE IF NOT EXISTS destinations (
+        id     INTEGER PRIMARY KEY,
+        url    TEXT NOT NULL,
+        app_id TEXT NOT NULL,
+        UNIQUE (url, app_id)
+    )""",
+)
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS records (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -288,7 +351,8 @@ _SCHEMA: Final = (
         crc         INTEGER NOT NULL,
         owner       TEXT,
         adopted     INTEGER NOT NULL DEFAULT 0,
-        body        BLOB    NOT NULL
+        body        BLOB    NOT NULL,
+        dest        INTEGER
     )""",
     # One index serves FIFO claims (filtering owner IS NULL while walking it), expiry, eviction
     # and min/max for status. An owner index would make every insert and claim more expensive
@@ -312,8 +376,9 @@ _SCHEMA: Final = (
     # code knows the sizes it inserts and deletes anyway.
     "INSERT OR IGNORE INTO totals (id, records, bytes) VALUES (0, 0, 0)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    *_DESTINATION_SCHEMA,
 )
-_RECORD_COLUMNS: Final = ("id", "received_at", "size", "crc", "owner", "adopted", "body")
+_RECORD_COLUMNS: Final = ("id", "received_at", "size", "crc", "owner", "adopted", "body", "dest")
 
 
 class _CorruptError(Exception):
@@ -339,6 +404,48 @@ def _is_corruption(exc: BaseException) -> bool:
         return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether an error means the disk (or SQLite's page limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_FULL
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
+def _free_space(directory: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the directory's filesystem, if known."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs (Windows), or the directory is gone
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@attrs.define
+class _Room:
+    """What one write transaction may still use of a nearly full disk (reserve taken off).
+
+    New pages cost disk twice: as WAL frames now, and as growth of the database file when
+    the checkpoint copies them in, except where they reuse the file's free pages (which
+    evicting in the same transaction adds to).
+    """
+
+    free: float
+    freelist: float
+
+    def excess(self, incoming: int) -> float:
+        """Body bytes to evict so that ``incoming`` body bytes fit on the disk."""
+        pages = _PAGE_FACTOR * incoming
+        return pages + max(0.0, pages - self.freelist) - self.free
+
+    def fits(self, incoming: int, evictable: int) -> bool:
+        """Whether evicting at most ``evictable`` body bytes makes room for ``incoming``."""
+        return _PAGE_FACTOR * incoming <= self.free and self.excess(incoming) <= evictable
+
+    def use(self, incoming: int) -> None:
+        self.free -= _PAGE_FACTOR * incoming
 
 
 def _pid_alive(pid: int) -> bool:
@@ -371,6 +478,13 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
 
 
 def _make_private_dir(directory: Path) -> None:
@@ -477,6 +591,11 @@ class _Store:
         self.dirty = False
         self.last_checkpoint = time.monotonic()
         self.last_heartbeat = -math.inf
+        # destinations.id of settings.destination in the open file; None until first needed
+        # (and again after a rollback, which may have undone the row it names).
+        self.dest_id: int | None = None
+        # Set before a write transaction while the disk is nearly full; None: plenty of room.
+        self.room: _Room | None = None
 
     # -- opening, repairing, closing
 
@@ -485,24 +604,63 @@ class _Store:
         _make_private_dir(self.settings.directory)
         with _directory_lock(self.settings.directory / LOCK_NAME):
             try:
+                if _is_empty_file(self.path):
+                    # Every writer puts the header in before it lets go of the lock, so an
+                    # empty file was cut short by something else: moved aside like damage.
+                    raise _CorruptError("the file is empty (zero length)")
                 conn = self.connect(check=True)
             except _CorruptError as exc:
                 conn = self._repair(str(exc))
             self.conn = conn
             self.identity = _file_identity(self.path)
-            with self.transaction():
-                self.heartbeat()
-                # Cheap insurance against drift: one scan per open, like quick_check's.
-                conn.execute(
-                    "UPDATE totals SET records = (SELECT count(*) FROM records),"
-                    " bytes = (SELECT coalesce(sum(size), 0) FROM records) WHERE id = 0"
+            self.dest_id = None
+            self.measure_room(0)
+            try:
+                self._register()
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise
+                # Readable but full (something else filled the disk): status still works, and
+                # the first write that fits registers this owner (heartbeat_if_due).
+                self.reporter.problem(
+                    "full-open",
+                    logging.ERROR,
+                    "spool %s: the disk is full (%s); the spool can be read but takes no new"
+                    " records until space is freed",
+                    self.path,
+                    exc,
                 )
-                # Records of an owner row that no longer exists (a repair, a bug) would never
-                # be claimed again; give them back. A full scan, but only once per open.
-                conn.execute(
-                    "UPDATE records SET owner = NULL, adopted = 1 WHERE owner IS NOT NULL"
-                    " AND owner NOT IN (SELECT owner FROM owners)"
-                )
+
+    def _register(self) -> None:
+        """The open-time transaction: this owner, the totals, orphaned and legacy records."""
+        conn = self._conn()
+        with self.transaction():
+            self.heartbeat()
+            # Cheap insurance against drift: one scan per open, like quick_check's.
+            conn.execute(
+                "UPDATE totals SET records = (SELECT count(*) FROM records),"
+                " bytes = (SELECT coalesce(sum(size), 0) FROM records) WHERE id = 0"
+            )
+            # Records of an owner row that no longer exists (a repair, a bug) would never
+            # be claimed again; give them back. A full scan, but only once per open.
+            conn.execute(
+                "UPDATE records SET owner = NULL, adopted = 1 WHERE owner IS NOT NULL"
+                " AND owner NOT IN (SELECT owner FROM owners)"
+            )
+            dest = self.own_dest()
+            if dest is not None:
+                # Records without a destination (schema 1, or salvaged without theirs)
+                # go to whoever opens the file first with one: the index finds them.
+                taken = conn.execute(
+                    "UPDATE records SET dest = ? WHERE dest IS NULL", (dest,)
+                ).rowcount
+                if taken:
+                    _log.info(
+                        "spool %s: %d record(s) without a destination will be sent to %s",
+                        self.path,
+                        taken,
+                        self.settings.destination,
+                    )
 
     def connect(self, *, check: bool) -> sqlite3.Connection:
         """Connect to the database file, configure it, and create the schema if it is new.
@@ -569,11 +727,33 @@ class _Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+        if version == 1:
+            version = self._migrate_to_2(conn)
         if version != _SCHEMA_VERSION:
             raise _IncompatibleError(self._incompatible(f"schema version {version}"))
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
         if columns != _RECORD_COLUMNS:
             raise _IncompatibleError(self._incompatible(f"a 'records' table with {columns}"))
+
+    @staticmethod
+    def _migrate_to_2(conn: sqlite3.Connection) -> int:
+        """Schema 1 -> 2: records get a destination (NULL for the ones already there)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version == 1:  # nobody migrated it while we waited for the lock
+                # ADD COLUMN only rewrites the schema, not the rows: instant at any size.
+                conn.execute("ALTER TABLE records ADD COLUMN dest INTEGER")
+                for statement in _DESTINATION_SCHEMA:
+                    conn.execute(statement)
+                conn.execute("PRAGMA user_version = 2")
+                version = 2
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return int(version)
 
     def _incompatible(self, what: str) -> str:
         return (
@@ -596,21 +776,38 @@ class _Store:
         if salvaged:
             self.conn = conn
             try:
+                self.measure_room(sum(len(record.body) for record, _ in salvaged))
                 with self.transaction():
-                    kept = len(self.append(salvaged, None).ids)
+                    kept = self._restore(salvaged)
             finally:
                 self.conn = None
+                self.dest_id = None
         self.reporter.problem(
             "corrupt",
             logging.ERROR,
-            "spool database %s was damaged (%s); moved it to %s and started a fresh one,"
-            " keeping %d readable records",
+            "spool database %s was damaged (%s); moved it (with its -wal and -shm) to %s and"
+            " started a fresh one, keeping %d record(s) whose checksum matched",
             self.path,
             reason,
             aside,
             kept,
         )
         return conn
+
+    def _restore(self, salvaged: Sequence[tuple[SpoolRecord, Destination | None]]) -> int:
+        """Store salvaged records pending, each with its destination; returns how many."""
+        kept = 0
+        start = 0
+        while start < len(salvaged):  # runs of one destination, oldest id first
+            destination = salvaged[start][1]
+            end = start
+            while end < len(salvaged) and salvaged[end][1] == destination:
+                end += 1
+            key = None if destination is None else self.dest_key(destination)
+            batch = [record for record, _ in salvaged[start:end]]
+            kept += len(self.append(batch, None, dest=key).ids)
+            start = end
+        return kept
 
     def ensure_current(self) -> None:
         """Reopen when another process replaced the database file (it repaired it)."""
@@ -659,11 +856,60 @@ class _Store:
             conn.execute("COMMIT")
         except BaseException:
             self.last_heartbeat = -math.inf  # a heartbeat in it was rolled back too
+            self.dest_id = None  # so may the row that id named
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
         self.dirty = True
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One read-only transaction: needs no disk space, so it works on a full disk."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def measure_room(self, incoming: int) -> None:
+        """Before a write transaction: how much disk it may use (``room``), made larger by
+        moving the WAL into the database when the disk is nearly full.
+
+        ``incoming`` is the body bytes the transaction will add. With plenty of free space
+        ``room`` stays None and appends are limited by ``max_bytes`` alone.
+        """
+        self.room = None
+        free = _free_space(self.settings.directory)
+        if free is None:
+            return
+        need = 2 * _PAGE_FACTOR * incoming + _DISK_RESERVE
+        if free >= need + _TIGHT_DISK:
+            return
+        # Nearly full. A WAL that is never checkpointed wedges the spool (its frames need
+        # the database to grow, and nothing else may grow): fold it in and give its space
+        # back before this transaction adds to it. Its growth was reserved when written.
+        if self.truncate_wal():
+            free = _free_space(self.settings.directory) or 0
+        page_size, free_pages = (
+            self._conn().execute(query).fetchone()[0]
+            for query in ("PRAGMA page_size", "PRAGMA freelist_count")
+        )
+        self.room = _Room(free=free - _DISK_RESERVE, freelist=page_size * free_pages)
+
+    def truncate_wal(self) -> bool:
+        """``wal_checkpoint(TRUNCATE)``: True when the WAL was folded in and emptied."""
+        if self.conn is None:
+            return False
+        try:
+            busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            _log.debug("spool truncating checkpoint failed: %s", exc)
+            return False
+        self.dirty = False
+        return not busy
 
     def checkpoint(self, *, force: bool = False) -> None:
         """Run a passive WAL checkpoint when writes happened and the interval passed."""
@@ -710,6 +956,24 @@ class _Store:
         if not (0 <= now - self.last_heartbeat < self.settings.lease / 10):
             self.heartbeat()
 
+    def own_dest(self) -> int | None:
+        """This spool's key in ``destinations`` (added on first use); None without one."""
+        destination = self.settings.destination
+        if destination is None:
+            return None
+        if self.dest_id is None:
+            self.dest_id = self.dest_key(destination)
+        return self.dest_id
+
+    def dest_key(self, destination: Destination) -> int:
+        conn = self._conn()
+        key = (destination.url, destination.app_id)
+        conn.execute("INSERT OR IGNORE INTO destinations (url, app_id) VALUES (?, ?)", key)
+        (found,) = conn.execute(
+            "SELECT id FROM destinations WHERE url = ? AND app_id = ?", key
+        ).fetchone()
+        return int(found)
+
     @staticmethod
     def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """INSERT ``rows`` with as few statements as SQLite's variable limit allows.
@@ -719,12 +983,12 @@ class _Store:
         switch interval (5 ms), which held a burst to under 1,000 rows/s; one statement for
         thousands of rows keeps the same burst at tens of thousands per second.
         """
-        per = max(1, _variable_limit(conn) // 5)
+        per = max(1, _variable_limit(conn) // 6)
         for start in range(0, len(rows), per):
             chunk = rows[start : start + per]
             conn.execute(
-                "INSERT INTO records (received_at, size, crc, owner, body) VALUES "
-                + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                "INSERT INTO records (received_at, size, crc, owner, body, dest) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
             )
 
@@ -751,30 +1015,46 @@ class _Store:
                 deleted += count
         return deleted
 
-    def append(self, records: Sequence[SpoolRecord], owner: str | None) -> AppendResult:
+    def append(
+        self,
+        records: Sequence[SpoolRecord],
+        owner: str | None,
+        dest: int | Literal["own"] | None = "own",
+    ) -> AppendResult:
+        """Store ``records`` tagged with ``dest`` ("own": this spool's destination)."""
         conn = self._conn()
+        key = self.own_dest() if dest == "own" else dest
         limit = self.settings.max_bytes
         sizes = [len(record.body) for record in records]
         incoming = sum(sizes)
+        (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
+        room = self.room
         skip = 0
-        while incoming > limit:  # the batch alone is too big: its first (oldest) records go
+        # The batch alone is too big for max_bytes, or (disk nearly full) for what the disk
+        # can take even after evicting everything else: its first (oldest) records go.
+        while skip < len(sizes) and (
+            incoming > limit or (room is not None and not room.fits(incoming, stored))
+        ):
             incoming -= sizes[skip]
             skip += 1
-        (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
-        evicted = skip
-        if stored + incoming > limit:
-            evicted += self._evict(stored + incoming - limit)
+        evicted = 0
+        excess = stored + incoming - limit
+        if room is not None:
+            excess = max(excess, room.excess(incoming))
+            room.use(incoming)
+        if excess > 0:
+            evicted += self._evict(excess)
         rows = [
-            (record.received_at, size, zlib.crc32(record.body), owner, record.body)
+            (record.received_at, size, zlib.crc32(record.body), owner, record.body, key)
             for record, size in zip(records[skip:], sizes[skip:], strict=True)
         ]
         if not rows:
-            return AppendResult((), 0, evicted)
+            return AppendResult((), 0, evicted, skip)
         self._insert(conn, rows)
         self._count(len(rows), incoming)
         # We hold the write lock and AUTOINCREMENT hands out consecutive ids within it.
         (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
-        return AppendResult(tuple(range(last - len(rows) + 1, last + 1)), 0, evicted)
+        return AppendResult(tuple(range(last - len(rows) + 1, last + 1)), 0, evicted, skip)
 
     def append_many(
         self, batches: Sequence[tuple[Sequence[SpoolRecord], str | None]]
@@ -790,10 +1070,11 @@ class _Store:
         conn = self._conn()
         (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
         incoming = sum(len(record.body) for records, _ in batches for record in records)
-        if stored + incoming > self.settings.max_bytes:
+        if stored + incoming > self.settings.max_bytes or self.room is not None:
             return [self.append(records, owner) for records, owner in batches]
+        key = self.own_dest()
         rows = [
-            (record.received_at, len(record.body), zlib.crc32(record.body), owner, record.body)
+            (record.received_at, len(record.body), zlib.crc32(record.body), owner, record.body, key)
             for records, owner in batches
             for record in records
         ]
@@ -827,43 +1108,79 @@ class _Store:
             cursor.close()
         return self._delete(victims)
 
-    def claim(self, limit: int, max_bytes: int | None) -> ClaimResult:
+    def claim(self, limit: int, max_bytes: int | None, batches: int = 1) -> list[ClaimResult]:
+        """Up to ``batches`` claims of ``limit`` records / ``max_bytes`` each, one transaction.
+
+        The first result carries ``expired``; there is always at least one result.
+        """
         conn = self._conn()
         now = self.settings.clock()
         self._reap(now)
-        cutoff = (now - self.settings.max_age,)
+        # Only this destination's records (any, for a spool opened without one): another
+        # app's signals must never go to this app's endpoint, nor expire in its books.
+        dest = self.own_dest()
+        mine, args = ("", ()) if dest is None else (" AND dest = ?", (dest,))
+        cutoff = (now - self.settings.max_age, *args)
         expired, size = conn.execute(
             "SELECT count(*), coalesce(sum(size), 0) FROM records"
-            " WHERE received_at < ? AND owner IS NULL",
+            " WHERE received_at < ? AND owner IS NULL" + mine,
             cutoff,
         ).fetchone()
         if expired:
-            conn.execute("DELETE FROM records WHERE received_at < ? AND owner IS NULL", cutoff)
+            conn.execute(
+                "DELETE FROM records WHERE received_at < ? AND owner IS NULL" + mine, cutoff
+            )
             self._count(-expired, -size)
-        picked: list[tuple[int, bytes]] = []
-        total = 0
-        adopted = 0
+        # Marking records claimed rewrites their pages into the WAL: on a nearly full disk
+        # take only what that room holds, over all batches (still at least one record).
+        budget = None if self.room is None else max(0, int(self.room.free / _PAGE_FACTOR))
+        groups: list[list[tuple[int, bytes]]] = [[]]
+        adopted = [0]
+        total = overall = 0
         cursor = conn.execute(
             "SELECT id, size, adopted, body FROM records WHERE owner IS NULL"
-            " ORDER BY received_at, id LIMIT ?",
-            (limit,),
+            + mine
+            + " ORDER BY received_at, id LIMIT ?",
+            (*args, limit * batches),
         )
         try:
             for record_id, size, was_adopted, body in cursor:
-                # Always hand out at least one record, or one oversized body would block forever.
-                if max_bytes is not None and picked and total + size > max_bytes:
+                group = groups[-1]
+                # Every batch gets at least one record, or one oversized body would block.
+                if group and (
+                    len(group) >= limit or (max_bytes is not None and total + size > max_bytes)
+                ):
+                    if len(groups) == batches:
+                        break
+                    group = []
+                    groups.append(group)
+                    adopted.append(0)
+                    total = 0
+                if budget is not None and overall and overall + size > budget:
                     break
-                picked.append((record_id, body))
+                group.append((record_id, body))
                 total += size
-                adopted += was_adopted
+                overall += size
+                adopted[-1] += was_adopted
         finally:
             cursor.close()
+        self._take([record_id for group in groups for record_id, _ in group])
+        return [
+            ClaimResult(tuple(group), expired if i == 0 else 0, count)
+            for i, (group, count) in enumerate(zip(groups, adopted, strict=True))
+            if group or i == 0
+        ]
+
+    def _take(self, ids: Sequence[int]) -> None:
+        """Mark records as this owner's, a few hundred per statement (see ``_insert``)."""
+        conn = self._conn()
         me = self.settings.owner_id
-        conn.executemany(
-            "UPDATE records SET owner = ?, adopted = 0 WHERE id = ?",
-            [(me, record_id) for record_id, _ in picked],
-        )
-        return ClaimResult(tuple(picked), expired, adopted)
+        for start in range(0, len(ids), _SQL_VARIABLES_PER_STATEMENT):
+            chunk = ids[start : start + _SQL_VARIABLES_PER_STATEMENT]
+            marks = ",".join("?" * len(chunk))
+            conn.execute(
+                f"UPDATE records SET owner = ?, adopted = 0 WHERE id IN ({marks})", (me, *chunk)
+            )
 
     def is_dead(
         self, pid: int, hostname: str, lease: float, heartbeat_at: float, closed: int, now: float
@@ -914,7 +1231,7 @@ class _Store:
         else:
             conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
 
-    def status(self) -> SpoolStatus:
+    def status(self, by_destination: bool = False) -> SpoolStatus:
         conn = self._conn()
         now = self.settings.clock()
         records, nbytes = conn.execute("SELECT records, bytes FROM totals WHERE id = 0").fetchone()
@@ -941,87 +1258,264 @@ class _Store:
             )
         for owner, count in sorted(claimed.items()):  # rows whose owner row is gone
             owners.append(OwnerInfo(owner, 0, "", 0.0, count, True, False))
-        return SpoolStatus(records, nbytes, oldest, newest, tuple(owners), str(self.path))
-
-
-def _salvage(path: Path) -> list[SpoolRecord]:
-    """Read every record that can still be read from a damaged database file.
-
-    Walks the rowid b-tree with ``WHERE id > ?`` seeks. When a read fails (a damaged page),
-    it skips ahead by 1, 2, 4, ... ids until a seek lands on a readable page again: we lose
-    the damaged page's rows and at most as many again, and keep the rest. A row counts only
-    if its CRC still matches its body.
-    """
-    found: list[SpoolRecord] = []
-    try:
-        conn = sqlite3.connect(str(path), timeout=1.0, isolation_level=None)
-    except (sqlite3.Error, OSError):
-        return found
-    try:
-        # Lets SQLite read a file shorter than its header says (truncation) instead of
-        # refusing it whole; we never write to this connection.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("PRAGMA writable_schema = ON")
-        lower, upper = _salvage_bounds(conn)
-        after = lower - 1
-        failures = consecutive = 0
-        step = 1
-        while after < upper and consecutive < _SALVAGE_MAX_CONSECUTIVE_FAILURES:
-            try:
-                cursor = conn.execute(
-                    "SELECT id, received_at, crc, body FROM records WHERE id > ? ORDER BY id",
-                    (after,),
+        destinations: tuple[DestinationInfo, ...] = ()
+        if by_destination:
+            destinations = tuple(
+                DestinationInfo(
+                    None if url is None else Destination(url, app_id), count, int(size or 0)
                 )
-                for record_id, received_at, crc, body in cursor:
-                    if not isinstance(record_id, int) or record_id <= after:
-                        continue  # out of order: a damaged page; never walk backwards
-                    after = record_id
-                    step = 1
-                    consecutive = 0
-                    if (
-                        isinstance(body, bytes)
-                        and isinstance(received_at, (int, float))
-                        and math.isfinite(received_at)
-                        and crc == zlib.crc32(body)
-                    ):
-                        found.append(SpoolRecord(float(received_at), body))
-                break  # reached the end
-            except (sqlite3.Error, MemoryError, OverflowError):
-                failures += 1
-                consecutive += 1
-                if failures > _SALVAGE_MAX_FAILURES:
-                    break
-                after = min(after + step, _MAX_ROWID - 1)
-                step *= 2
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.close()
+                for url, app_id, count, size in conn.execute(
+                    "SELECT d.url, d.app_id, count(*), sum(r.size) FROM records AS r"
+                    " LEFT JOIN destinations AS d ON d.id = r.dest GROUP BY r.dest ORDER BY r.dest"
+                )
+            )
+        return SpoolStatus(
+            records,
+            nbytes,
+            oldest,
+            newest,
+            tuple(owners),
+            str(self.path),
+            destinations=destinations,
+        )
+
+
+def _salvage(path: Path) -> list[tuple[SpoolRecord, Destination | None]]:
+    """Every record of a damaged database file whose checksum still matches, oldest id first.
+
+    Reads the file's pages directly (SQLite's file format), not through SQLite's b-tree: a
+    damaged interior page or header would hide every row below it from a query, while each
+    leaf page holds its rows whole. The committed frames of the ``-wal`` file next to it are
+    laid over the file's pages first (what a crash left unmerged), and pages on the free list
+    are skipped (rows deleted earlier). A row counts only if it has the shape of a
+    ``records`` row and its CRC matches its body; its destination is kept when the
+    ``destinations`` row it names could be read too, else it has none.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    try:
+        wal = Path(f"{path}-wal").read_bytes()
+    except OSError:
+        wal = b""
+    rows: dict[int, list[list[Any]]] = {}
+    # The header's page size may itself be damaged: SQLite's default is tried too (a row
+    # only counts if its CRC matches, so a wrong guess adds nothing false).
+    for page_size in dict.fromkeys((_page_size(data, wal), 4096)):
+        _read_rows(data, wal, page_size, rows)
+    destinations: dict[int, Destination] = {}
+    for rowid, candidates in rows.items():
+        for values in candidates:
+            if (
+                len(values) == 3
+                and values[0] is None
+                and isinstance(values[1], str)
+                and isinstance(values[2], str)
+            ):
+                destinations.setdefault(rowid, Destination(values[1], values[2]))
+    found: list[tuple[SpoolRecord, Destination | None]] = []
+    for rowid in sorted(rows):
+        for values in rows[rowid]:
+            record = _as_record(values, destinations)
+            if record is not None:
+                found.append(record)
+                break
     return found
 
 
-def _salvage_bounds(conn: sqlite3.Connection) -> tuple[int, int]:
-    """The range of ids a damaged file may hold, from whatever metadata is still readable."""
-    lower, upper = -_MAX_ROWID + 1, _MAX_ROWID - 1
-    for query in ("SELECT value FROM meta WHERE key = 'first_id'", "SELECT min(id) FROM records"):
-        try:
-            row = conn.execute(query).fetchone()
-        except sqlite3.Error:
-            continue
-        if row and isinstance(row[0], int):
-            lower = row[0]
-            break
-    for query in (
-        "SELECT seq FROM sqlite_sequence WHERE name = 'records'",
-        "SELECT max(id) FROM records",
+def _as_record(
+    values: list[Any], destinations: dict[int, Destination]
+) -> tuple[SpoolRecord, Destination | None] | None:
+    """A ``records`` row whose body still matches its CRC, or None."""
+    if len(values) not in (7, 8) or values[0] is not None:
+        return None
+    received_at, size, crc, body = values[1], values[2], values[3], values[6]
+    if not (
+        isinstance(body, bytes)
+        and isinstance(received_at, (int, float))
+        and math.isfinite(received_at)
+        and size == len(body)
+        and crc == zlib.crc32(body)
     ):
+        return None
+    dest = values[7] if len(values) == 8 and isinstance(values[7], int) else None
+    return SpoolRecord(float(received_at), body), None if dest is None else destinations.get(dest)
+
+
+def _read_rows(data: bytes, wal: bytes, page_size: int, rows: dict[int, list[list[Any]]]) -> None:
+    """Add the rows of every table leaf page (as pages of ``page_size``) to ``rows``."""
+    pages = {
+        number + 1: data[number * page_size : (number + 1) * page_size]
+        for number in range(len(data) // page_size)
+    }
+    pages.update(_wal_pages(wal, page_size))
+    reserved = data[20] if len(data) > 20 and data[:16] == _DB_MAGIC else 0
+    usable = page_size - (reserved if reserved < page_size // 2 else 0)
+    free = _free_pages(pages)
+    for number, page in pages.items():
+        if number not in free:
+            for rowid, values in _leaf_rows(pages, number, page, usable):
+                rows.setdefault(rowid, []).append(values)
+
+
+_DB_MAGIC: Final = b"SQLite format 3\x00"
+_WAL_MAGICS: Final = (0x377F0682, 0x377F0683)
+_TABLE_LEAF: Final = 0x0D
+
+
+def _valid_page_size(size: int) -> bool:
+    return 512 <= size <= 65536 and size & (size - 1) == 0
+
+
+def _page_size(data: bytes, wal: bytes) -> int:
+    """The page size from the file header, else from the WAL's, else SQLite's default."""
+    if len(data) >= 100 and data[:16] == _DB_MAGIC:
+        size = int.from_bytes(data[16:18], "big")
+        size = 65536 if size == 1 else size
+        if _valid_page_size(size):
+            return size
+    if len(wal) >= 32 and int.from_bytes(wal[:4], "big") in _WAL_MAGICS:
+        size = int.from_bytes(wal[8:12], "big")
+        if _valid_page_size(size):
+            return size
+    return 4096
+
+
+def _wal_pages(wal: bytes, page_size: int) -> dict[int, bytes]:
+    """The newest committed version of each page in a WAL file (frames of its current salt)."""
+    if len(wal) < 32 or int.from_bytes(wal[:4], "big") not in _WAL_MAGICS:
+        return {}
+    if int.from_bytes(wal[8:12], "big") != page_size:
+        return {}
+    salt = wal[16:24]
+    committed: dict[int, bytes] = {}
+    pending: dict[int, bytes] = {}
+    frame = 24 + page_size
+    for start in range(32, len(wal) - frame + 1, frame):
+        header = wal[start : start + 24]
+        if header[8:16] != salt:
+            break  # frames of an earlier generation: not part of the database
+        pending[int.from_bytes(header[:4], "big")] = wal[start + 24 : start + frame]
+        if int.from_bytes(header[4:8], "big"):  # a commit frame ends a transaction
+            committed.update(pending)
+            pending.clear()
+    return committed
+
+
+def _free_pages(pages: dict[int, bytes]) -> set[int]:
+    """Pages on the free list (their old rows were deleted), as far as the list is readable."""
+    first = pages.get(1, b"")
+    free: set[int] = set()
+    if len(first) < 100 or first[:16] != _DB_MAGIC:
+        return free
+    trunk = int.from_bytes(first[32:36], "big")
+    while trunk and trunk not in free and trunk in pages:
+        free.add(trunk)
+        page = pages[trunk]
+        count = min(int.from_bytes(page[4:8], "big"), (len(page) - 8) // 4)
+        free.update(int.from_bytes(page[8 + 4 * i : 12 + 4 * i], "big") for i in range(count))
+        trunk = int.from_bytes(page[:4], "big")
+    # A damaged list could name live pages: trust it only if it adds up to the header's count
+    # (otherwise deleted rows may come back: sent twice, never lost).
+    return free if len(free) == int.from_bytes(first[36:40], "big") else set()
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """SQLite's big-endian varint at ``pos``: (value, next position)."""
+    value = 0
+    for i in range(9):
+        byte = buf[pos + i]  # IndexError on a cut-off varint: the caller skips the cell
+        if i == 8:
+            return (value << 8) | byte, pos + 9
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _leaf_rows(
+    pages: dict[int, bytes], number: int, page: bytes, usable: int
+) -> Iterator[tuple[int, list[Any]]]:
+    """(rowid, column values) of each readable cell of a table leaf page; others yield none."""
+    offset = 100 if number == 1 else 0
+    if len(page) < offset + 8 or page[offset] != _TABLE_LEAF:
+        return
+    cells = int.from_bytes(page[offset + 3 : offset + 5], "big")
+    for i in range(cells):
+        at = offset + 8 + 2 * i
         try:
-            row = conn.execute(query).fetchone()
-        except sqlite3.Error:
-            continue
-        if row and isinstance(row[0], int):
-            upper = max(row[0], lower)
-            break
-    return lower, upper
+            pointer = int.from_bytes(page[at : at + 2], "big")
+            payload_size, pos = _varint(page, pointer)
+            rowid, pos = _varint(page, pos)
+            payload = _payload(pages, page, pos, payload_size, usable)
+            values = _record(payload)
+        except (IndexError, ValueError, OverflowError, struct.error):
+            continue  # a damaged cell: its neighbours on the page may still be whole
+        if rowid >= 2**63:
+            rowid -= 2**64
+        yield rowid, values
+
+
+def _payload(pages: dict[int, bytes], page: bytes, pos: int, size: int, usable: int) -> bytes:
+    """A cell's payload: the part on the leaf page, then its overflow chain if it has one."""
+    if size > 2**31:
+        raise ValueError("payload size out of range")
+    most = usable - 35
+    if size <= most:
+        local = size
+    else:
+        least = (usable - 12) * 32 // 255 - 23
+        local = least + (size - least) % (usable - 4)
+        local = local if local <= most else least
+    parts = [page[pos : pos + local]]
+    have = len(parts[0])
+    if have != local:
+        raise ValueError("cell runs past its page")
+    overflow = int.from_bytes(page[pos + local : pos + local + 4], "big") if local < size else 0
+    seen: set[int] = set()
+    while have < size:
+        if overflow in seen or overflow not in pages:
+            raise ValueError("broken overflow chain")
+        seen.add(overflow)
+        chunk = pages[overflow][4:usable][: size - have]
+        parts.append(chunk)
+        have += len(chunk)
+        overflow = int.from_bytes(pages[overflow][:4], "big")
+    return b"".join(parts)
+
+
+def _record(payload: bytes) -> list[Any]:
+    """Decode SQLite's record format into column values."""
+    header_size, pos = _varint(payload, 0)
+    if header_size > len(payload):
+        raise ValueError("record header runs past the payload")
+    types = []
+    while pos < header_size:
+        serial, pos = _varint(payload, pos)
+        types.append(serial)
+    values: list[Any] = []
+    pos = header_size
+    for serial in types:
+        if serial in (0, 8, 9):
+            values.append(None if serial == 0 else serial - 8)
+        elif 1 <= serial <= 6:
+            width = (0, 1, 2, 3, 4, 6, 8)[serial]
+            values.append(int.from_bytes(payload[pos : pos + width], "big", signed=True))
+            pos += width
+        elif serial == 7:
+            values.append(struct.unpack(">d", payload[pos : pos + 8])[0])
+            pos += 8
+        elif serial >= 12:
+            width = (serial - 12) // 2
+            raw = payload[pos : pos + width]
+            values.append(raw if serial % 2 == 0 else raw.decode("utf-8"))
+            pos += width
+        else:
+            raise ValueError(f"reserved serial type {serial}")
+        if pos > len(payload):
+            raise ValueError("record runs past the payload")
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -1041,6 +1535,8 @@ class _Job(Generic[_T]):
     orphaned: Callable[[_T], None] | None = None
     # Set for appends: (records, owner). Consecutive appends are merged into one INSERT.
     append: tuple[Sequence[SpoolRecord], str | None] | None = None
+    # Reads only (status): may run in a read transaction, which works on a full disk.
+    readonly: bool = False
 
 
 @attrs.define
@@ -1089,6 +1585,7 @@ class _Worker:
         self.lock = threading.Lock()
         self.accepting = True
         self.disabled = False
+        self.last_error = ""  # why the last transaction failed, for status() to report
         self.thread = threading.Thread(
             target=self._main,
             name=f"telemetrydeck-spool-{settings.owner_id[:8]}",
@@ -1150,15 +1647,20 @@ class _Worker:
 
     def _disable(self, detail: str, exc: BaseException | None) -> None:
         self.disabled = True
+        self.last_error = f"the spool is disabled ({detail})"
+        # One line that says what to do: a permission or path problem needs no traceback
+        # (it is at DEBUG for the unexpected cases).
         self.reporter.problem(
             "disabled",
-            logging.ERROR,
-            "spool directory %s cannot be used (%s); continuing without a disk spool:"
-            " unsent signals are kept in memory only",
+            logging.WARNING,
+            "spool directory %s cannot be used (%s); running memory only, so signals that "
+            "cannot be sent are dropped. Fix: make that directory writable by this process, "
+            "or set spool_dir to a writable one (in a container: a mounted volume)",
             self.store.settings.directory,
             detail,
-            exc=exc,
         )
+        if exc is not None:
+            _log.debug("the spool could not open", exc_info=exc)
 
     def _run_once(self) -> _Stop | None:
         store = self.store
@@ -1192,17 +1694,47 @@ class _Worker:
             self._deliver([(job, job.fallback) for job in jobs])
             return
         store = self.store
+        incoming = sum(len(r.body) for job in jobs if job.append for r in job.append[0])
         try:
             store.ensure_current()
-            with store.transaction():
-                results = self._execute(jobs)
-                store.heartbeat_if_due()  # any transaction is proof of life
+            if all(job.readonly for job in jobs):
+                with store.read_transaction():
+                    results = self._execute(jobs)
+            else:
+                results = self._write(jobs, incoming)
         except Exception as exc:
             self._failed(exc)
-            self._deliver([(job, job.fallback) for job in jobs])
+            results = [job.fallback for job in jobs]
+            readers = [i for i, job in enumerate(jobs) if job.readonly]
+            if readers and store.conn is not None:
+                # A write failed (a full disk): what only reads must still see the truth.
+                with contextlib.suppress(Exception), store.read_transaction():
+                    for i in readers:
+                        results[i] = jobs[i].run(store)
+            self._deliver(list(zip(jobs, results, strict=True)))
             return
         self.reporter.success(store.path)
         self._deliver(list(zip(jobs, results, strict=True)))
+
+    def _write(self, jobs: list[_Job[Any]], incoming: int) -> list[Any]:
+        """Run ``jobs`` in one write transaction, within the room the disk has.
+
+        Should SQLite still find the disk full (another program filled it meanwhile, or the
+        estimate was short), the WAL is folded in and the room measured again, once.
+        """
+        store = self.store
+        for attempt in (1, 2):
+            store.measure_room(incoming)
+            try:
+                with store.transaction():
+                    results = self._execute(jobs)
+                    store.heartbeat_if_due()  # any transaction is proof of life
+                return results
+            except sqlite3.Error as exc:
+                if attempt == 2 or not _is_full(exc):
+                    raise
+                _log.debug("spool %s full; making room and trying once more", store.path)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _execute(self, jobs: list[_Job[Any]]) -> list[Any]:
         """Run jobs in order, merging each run of consecutive appends into one INSERT."""
@@ -1224,6 +1756,7 @@ class _Worker:
 
     def _failed(self, exc: Exception) -> None:
         store = self.store
+        self.last_error = f"{type(exc).__name__}: {exc}"
         if _is_corruption(exc):
             self.reporter.problem(
                 "corrupt-runtime",
@@ -1238,12 +1771,16 @@ class _Worker:
                 store.close()
                 self._disable(f"repair failed: {again}", again)
         elif isinstance(exc, (sqlite3.Error, OSError, SpoolError)):
+            # What happens next is the caller's: signals it wanted to spool are dropped as
+            # spool_error, write-ahead copies go on from memory, acks are retried.
             self.reporter.problem(
                 f"write:{type(exc).__name__}:{getattr(exc, 'sqlite_errorcode', '')}",
                 logging.WARNING,
-                "spool %s: could not write (%s); those signals stay in memory only",
+                "spool %s: a transaction failed (%s)%s; signals that were to be written to"
+                " the spool are dropped as spool_error",
                 store.path,
                 exc,
+                " -- the disk is full" if _is_full(exc) else "",
                 exc=exc,
             )
             if store.conn is None:  # a failed reopen: try again next batch, or give up
@@ -1384,12 +1921,16 @@ class Spool:
         orphaned: Callable[[_T], None] | None = None,
         append: tuple[Sequence[SpoolRecord], str | None] | None = None,
     ) -> _T:
+        return await self._call_job(_Job(run, fallback, orphaned=orphaned, append=append))
+
+    async def _call_job(self, job: _Job[_T]) -> _T:
         if self._closed or self._worker.disabled:
-            return fallback
-        loop = asyncio.get_running_loop()
+            return job.fallback
+        job.loop = loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        if not self._worker.submit(_Job(run, fallback, loop, future, orphaned, append)):
-            return fallback
+        job.future = future
+        if not self._worker.submit(job):
+            return job.fallback
         return await future
 
     async def _start(self) -> None:
@@ -1440,15 +1981,31 @@ class Spool:
         self._check_process()
         if limit <= 0:
             return ClaimResult((), 0, 0)
+        (result,) = await self.claim_batches(1, limit, max_bytes)
+        return result
+
+    async def claim_batches(
+        self, batches: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[ClaimResult, ...]:
+        """Up to ``batches`` claims like :meth:`claim`, oldest first, in one transaction.
+
+        For recovery at full speed: one commit hands out the records for several requests at
+        once. Each result holds up to ``limit`` records (``max_bytes`` of body, at least
+        one); fewer results come back when the spool has less. The first carries
+        ``expired``; there is always at least one result.
+        """
+        self._check_process()
+        if limit <= 0 or batches <= 0:
+            return (ClaimResult((), 0, 0),)
         return await self._call(
-            lambda store: store.claim(limit, max_bytes),
-            ClaimResult((), 0, 0),
+            lambda store: tuple(store.claim(limit, max_bytes, batches)),
+            (ClaimResult((), 0, 0),),
             self._give_back,
         )
 
-    def _give_back(self, result: ClaimResult) -> None:
+    def _give_back(self, results: tuple[ClaimResult, ...]) -> None:
         """The claimer was cancelled after the thread took the records: release them again."""
-        ids = [record_id for record_id, _ in result.records]
+        ids = [record_id for result in results for record_id, _ in result.records]
         if ids:
             self._worker.submit(_Job(lambda store: store.release(ids), None))
 
@@ -1489,14 +2046,23 @@ class Spool:
         self._check_process()
         await self._call(lambda store: store.heartbeat(), None)
 
-    async def status(self) -> SpoolStatus:
-        """Counts, ages and owners of the spool."""
+    async def status(self, *, by_destination: bool = False) -> SpoolStatus:
+        """Counts, ages and owners of the spool; per destination too when asked.
+
+        When the spool cannot be read, ``error`` says why (the counts are then unknown, not
+        zero). Reads need no disk space: this works on a full disk.
+        """
         self._check_process()
-        empty = SpoolStatus(0, 0, None, None, (), str(self.path), disabled=True)
-        result = await self._call(lambda store: store.status(), empty)
-        if result is empty or not self.disabled:
-            return result
-        return attrs.evolve(result, disabled=True)
+        empty = SpoolStatus(0, 0, None, None, (), str(self.path), disabled=self.disabled)
+        if self._closed:
+            return attrs.evolve(empty, error="the spool is closed")
+        result = await self._call_job(
+            _Job(lambda store: store.status(by_destination), empty, readonly=True)
+        )
+        if result is empty:
+            reason = self._worker.last_error or "the spool could not be read"
+            return attrs.evolve(result, disabled=self.disabled, error=reason)
+        return attrs.evolve(result, disabled=True) if self.disabled else result
 
     async def close(self) -> None:
         """Finish queued work, mark this owner closed and stop the thread.
@@ -1540,7 +2106,11 @@ class Spool:
         store = _Store(self._settings, self._reporter)
         try:
             _make_private_dir(self._settings.directory)
-            store.conn = store.connect(check=False)
+            # Under the lock: a file this creates must get its header before an opening
+            # process could see it empty (and move it aside as damaged).
+            with _directory_lock(self._settings.directory / LOCK_NAME):
+                store.conn = store.connect(check=False)
+            store.measure_room(sum(len(record.body) for record in batch))
             with store.transaction():
                 result = store.append(batch, None)
         except Exception as exc:
@@ -1568,6 +2138,7 @@ async def open_spool(
     durability: Literal["spill", "always"] = "spill",
     lease: float = 30.0,
     clock: Callable[[], float] = time.time,
+    destination: Destination | None = None,
 ) -> Spool:
     """Open (create, or repair) the spool in ``directory`` for this process.
 
@@ -1575,7 +2146,9 @@ async def open_spool(
     ``max_age`` the age in seconds after which unsent records expire, ``durability`` is
     ``"spill"`` or ``"always"`` (see the module documentation), ``lease`` how long (seconds)
     this process counts as alive after its last heartbeat. ``clock`` gives unix time; tests
-    pass a fake one to move time forward.
+    pass a fake one to move time forward. ``destination`` (the client's endpoint URL and app
+    ID) tags every record stored and limits claims and expiry to records of that destination;
+    without one the spool claims records of any destination (for tools, not for clients).
 
     Never raises for disk problems: a directory that cannot be used gives a ``disabled`` spool.
     Raises :class:`ConfigurationError` for invalid options.
@@ -1599,6 +2172,7 @@ async def open_spool(
         owner_id=secrets.token_hex(8),
         pid=os.getpid(),
         hostname=socket.gethostname(),
+        destination=destination,
     )
     spool = Spool(settings)
     try:
@@ -1619,6 +2193,7 @@ def append_pending_blocking(
     max_bytes: int,
     max_age: float,
     durability: Literal["spill", "always"],
+    destination: Destination | None = None,
 ) -> AppendResult:
     """Open the spool in ``directory``, store ``records`` pending, close it: all blocking.
 
@@ -1637,6 +2212,7 @@ def append_pending_blocking(
         owner_id=secrets.token_hex(8),
         pid=os.getpid(),
         hostname=socket.gethostname(),
+        destination=destination,
     )
     batch = tuple(records)
     job = _Job(
@@ -1650,8 +2226,7 @@ def append_pending_blocking(
     worker._open()
     if not worker.disabled and batch:
         try:
-            with worker.store.transaction():
-                (result,) = worker._execute([job])
+            (result,) = worker._write([job], sum(len(r.body) for r in batch))
         except Exception as exc:
             worker._failed(exc)
         else:

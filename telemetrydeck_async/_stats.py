@@ -53,6 +53,7 @@ DropReason = Literal[
     "expired",
     "spool_full",
     "spool_error",
+    "before_send",
 ]
 #: Every reason a signal can be dropped for, as it appears in ``stats.dropped`` and ``on_drop``.
 DROP_REASONS: Final[tuple[DropReason, ...]] = get_args(DropReason)
@@ -65,9 +66,12 @@ _DROP_EXPLANATIONS: Final[Mapping[str, str]] = {
     "permanent_error": "the server answered with a status that retrying cannot fix",
     "shutdown": "the client closed before they could be sent (set spool_dir to keep them)",
     "expired": "they waited in the spool longer than spool_max_age",
-    "spool_full": "the spool reached spool_max_bytes; the oldest were dropped",
+    "spool_full": "the spool was full (spool_max_bytes, or its disk); the oldest were dropped",
     "spool_error": "the spool could not write them to disk",
+    "before_send": "the before_send hook returned None for them",
 }
+#: Reasons the application chose: counted, passed to on_drop, logged at DEBUG only.
+_CHOSEN: Final = frozenset({"before_send"})
 
 
 @attrs.frozen
@@ -265,7 +269,7 @@ class Accounting:
             return
         (self.spool_dropped if from_spool else self.dropped)[reason] += count
         self.warnings.log(
-            logging.WARNING,
+            logging.DEBUG if reason in _CHOSEN else logging.WARNING,
             f"drop:{reason}",
             "dropped %d signal(s), reason %s: %s%s",
             count,

@@ -31,6 +31,7 @@ import inspect
 import logging
 import math
 import os
+import ssl as _ssl
 import sys
 import threading
 import uuid
@@ -41,7 +42,14 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar, overload
 
 from . import _lifecycle
 from ._client import TelemetryClient
-from ._config import DEFAULT_BASE_URL, ClientConfig, Durability, OnDrop, OnError
+from ._config import (
+    DEFAULT_BASE_URL,
+    BeforeSend,
+    ClientConfig,
+    Durability,
+    OnDrop,
+    OnError,
+)
 from ._presets import SESSION_STARTED, Duration, Presets
 from ._retry import RetryPolicy
 from ._signal import PayloadValue, Signal
@@ -208,6 +216,10 @@ class SyncTelemetryClient:
         payload_prefix: str | None = None,
         default_user_file: str | os.PathLike[str] | None = None,
         enabled: bool = True,
+        proxy: str | None = None,
+        ssl: str | os.PathLike[str] | _ssl.SSLContext | None = None,
+        trust_env: bool = True,
+        before_send: BeforeSend | None = None,
     ) -> None:
         # Every option reaches the async client by name: one validation, one set of defaults.
         options = {
@@ -374,6 +386,8 @@ class SyncTelemetryClient:
         signal = client._build(
             signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
+        if signal is None:  # before_send dropped it (counted by the client)
+            return
         if self._write_ahead and threading.current_thread() is not self._thread:
             wait = client.config.request_timeout
             try:

@@ -46,6 +46,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -414,6 +415,8 @@ class IngestEmulator:
     #: Print one line per ingest request to stdout.
     echo: bool = False
     shutdown_timeout: float = 0.5
+    #: Serve HTTPS with this server context (None: plain HTTP).
+    ssl_context: ssl.SSLContext | None = None
 
     #: Every accepted signal, in arrival order (duplicates included).
     signals: list[dict[str, Any]] = attrs.field(init=False, factory=list)
@@ -446,11 +449,12 @@ class IngestEmulator:
 
     @property
     def base_url(self) -> str:
-        """``http://HOST:PORT`` to hand to a client as its base URL."""
+        """``http://HOST:PORT`` (``https://`` with ``ssl_context``) to hand to a client."""
         if self.port == 0:
             raise RuntimeError("the emulator picks its port on start(); start it first")
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -466,7 +470,13 @@ class IngestEmulator:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+            site = web.TCPSite(
+                runner,
+                self._host,
+                self._port,
+                reuse_address=True,
+                ssl_context=self.ssl_context,
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -799,20 +809,98 @@ def add_devserver_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--host``, ``--port`` and one flag per :class:`FaultPlan` field to ``parser``."""
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     parser.add_argument("--port", type=int, default=8787, help="port (0: any free port)")
-    faults = parser.add_argument_group("faults")
-    faults.add_argument("--fail-next", type=int, default=0, metavar="K")
-    faults.add_argument("--fail-status", type=int, default=503, metavar="STATUS")
-    faults.add_argument("--fail-fraction", type=float, default=0.0, metavar="F")
-    faults.add_argument("--retry-after", default=None, metavar="VALUE")
-    faults.add_argument("--delay", type=float, default=0.0, metavar="SECONDS")
-    faults.add_argument("--stall-next", type=int, default=0, metavar="K")
-    faults.add_argument("--stall-seconds", type=float, default=30.0, metavar="SECONDS")
-    faults.add_argument("--reset-next", type=int, default=0, metavar="K")
-    faults.add_argument("--drop-after-accept-next", type=int, default=0, metavar="K")
-    faults.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES")
-    faults.add_argument("--reject-marker", default=None, metavar="KEY")
-    faults.add_argument("--status-always", type=int, default=None, metavar="STATUS")
-    faults.add_argument("--seed", type=int, default=0, help="seed for --fail-fraction")
+    faults = parser.add_argument_group(
+        "faults",
+        "Injected failures, to watch a client retry, back off, split or keep signals. "
+        "Counters (*-next) are spent as they fire; POST /_faults changes them while running.",
+    )
+    add = faults.add_argument
+    add(
+        "--fail-next",
+        type=int,
+        default=0,
+        metavar="K",
+        help="answer the next K requests with --fail-status (retried by the client)",
+    )
+    add(
+        "--fail-status",
+        type=int,
+        default=503,
+        metavar="STATUS",
+        help="the status of --fail-next and --fail-fraction (default 503)",
+    )
+    add(
+        "--fail-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="answer this fraction (0..1) of requests with --fail-status, at random",
+    )
+    add(
+        "--retry-after",
+        default=None,
+        metavar="VALUE",
+        help="send this Retry-After (seconds or an HTTP date) with every injected failure",
+    )
+    add(
+        "--delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before handling every request (a slow server)",
+    )
+    add(
+        "--stall-next",
+        type=int,
+        default=0,
+        metavar="K",
+        help="hold the next K requests unanswered for --stall-seconds, then reset the "
+        "connection (the client times out)",
+    )
+    add(
+        "--stall-seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long --stall-next holds a request (default 30)",
+    )
+    add(
+        "--reset-next",
+        type=int,
+        default=0,
+        metavar="K",
+        help="reset the connection of the next K requests before reading them",
+    )
+    add(
+        "--drop-after-accept-next",
+        type=int,
+        default=0,
+        metavar="K",
+        help="record the next K batches, then drop the connection unanswered (the client "
+        "resends them: duplicates, as with a lost answer)",
+    )
+    add(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="answer 413 to bodies larger than this (the client splits the batch)",
+    )
+    add(
+        "--reject-marker",
+        default=None,
+        metavar="KEY",
+        help="answer 400 to any batch with a signal whose payload has this key (the client "
+        "bisects the batch and drops only that signal)",
+    )
+    add(
+        "--status-always",
+        type=int,
+        default=None,
+        metavar="STATUS",
+        help="answer every request with this status, e.g. 401 for a wrong app ID",
+    )
+    add("--seed", type=int, default=0, help="seed for --fail-fraction (default 0)")
 
 
 def devserver_main(args: argparse.Namespace) -> int:

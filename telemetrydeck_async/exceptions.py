@@ -10,6 +10,7 @@ Every error is a :class:`TelemetryDeckError`, so one ``except`` clause catches t
     ├── SpoolError                    (also OSError)      the on-disk spool could not be used
     └── DeliveryError                                     one request failed (reported, not raised)
         ├── TransportError                                connection refused/reset, timeout
+        │   └── CertificateError                          TLS certificate not trusted: kept
         └── HTTPStatusError                               the server answered with a non-2xx status
             ├── RetryableStatusError                      408, 429, 5xx except 501/505
             ├── PayloadTooLargeError                      413: the batch is split and resent
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CertificateError",
     "ClientClosedError",
     "ConfigurationError",
     "DeliveryError",
@@ -103,6 +105,18 @@ class TransportError(DeliveryError):
     """The request did not get an answer: connection refused or reset, DNS, timeout."""
 
     retryable = True
+
+
+class CertificateError(TransportError):
+    """The server's TLS certificate could not be verified (unknown CA, wrong host name, expired).
+
+    Sending again will not help until the trust is fixed: like :class:`AuthenticationError`,
+    signals are kept (in memory, or in the spool) and the endpoint is probed on a long
+    interval. Behind a TLS-inspecting proxy or with a private CA, pass the CA bundle as
+    ``ssl=`` (a path or an ``ssl.SSLContext``).
+    """
+
+    retryable = False
 
 
 class HTTPStatusError(DeliveryError):

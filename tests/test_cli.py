@@ -95,11 +95,16 @@ async def test_send_with_invalid_arguments_exits_2() -> None:
     assert "type" in err
 
 
-async def _fill_spool(directory: Path, count: int) -> None:
-    """Spool ``count`` signals by closing a client whose endpoint is down."""
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def _fill_spool(directory: Path, count: int, port: int | None = None) -> None:
+    """Spool ``count`` signals by closing a client whose endpoint (on ``port``) is down."""
+    port = _free_port() if port is None else port
     td = TelemetryClient(
         "APP",
         namespace="com.example",
@@ -131,12 +136,34 @@ async def test_spool_status_of_a_directory_without_a_spool_fails(tmp_path: Path)
     assert not (tmp_path / "none").exists()
 
 
-async def test_spool_drain_sends_everything_and_exits_zero(
-    tmp_path: Path, emulator: IngestEmulator
-) -> None:
+async def test_spool_drain_sends_everything_and_exits_zero(tmp_path: Path) -> None:
     """spool drain delivers every spooled signal and leaves the spool empty."""
-    await _fill_spool(tmp_path, 250)
-    code, out, err = await run_cli(
+    port = _free_port()
+    await _fill_spool(tmp_path, 250, port)
+    async with IngestEmulator(port=port) as emulator:
+        code, out, err = await run_cli(
+            "spool",
+            "drain",
+            str(tmp_path),
+            "--app-id",
+            "APP",
+            "--namespace",
+            "com.example",
+            "--base-url",
+            emulator.base_url,
+            "--timeout",
+            "60",
+        )
+    assert code == 0, err
+    assert "sent 250 signal(s)" in out
+    assert emulator.distinct_ids() == set(range(250))
+
+
+async def test_spool_drain_exits_nonzero_when_signals_are_left(tmp_path: Path) -> None:
+    """With the endpoint down, drain gives up after its timeout and says what is left."""
+    port = _free_port()
+    await _fill_spool(tmp_path, 10, port)
+    code, _out, err = await run_cli(
         "spool",
         "drain",
         str(tmp_path),
@@ -145,26 +172,7 @@ async def test_spool_drain_sends_everything_and_exits_zero(
         "--namespace",
         "com.example",
         "--base-url",
-        emulator.base_url,
-        "--timeout",
-        "60",
-    )
-    assert code == 0, err
-    assert "sent 250 signal(s)" in out
-    assert emulator.distinct_ids() == set(range(250))
-
-
-async def test_spool_drain_exits_nonzero_when_signals_are_left(tmp_path: Path) -> None:
-    """With the endpoint down, drain gives up after its timeout and says what is left."""
-    await _fill_spool(tmp_path, 10)
-    code, _out, err = await run_cli(
-        "spool",
-        "drain",
-        str(tmp_path),
-        "--app-id",
-        "APP",
-        "--base-url",
-        "http://127.0.0.1:9",
+        f"http://127.0.0.1:{port}",
         "--timeout",
         "1",
     )

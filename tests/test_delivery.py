@@ -31,6 +31,9 @@ from telemetrydeck_async.exceptions import (
 
 from .conftest import FAST_RETRY, ClientFactory
 
+#: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
+pytestmark = pytest.mark.core
+
 N = 5000
 
 # The books are read at every turn of the event loop in every case, not only at the end.

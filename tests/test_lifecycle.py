@@ -261,7 +261,11 @@ async def test_next_run_sends_what_the_exit_hook_spooled(
     proc = await run_script(procs, "unclosed.py", emulator.base_url, "7", str(spool_dir))
     assert await proc.finish() == 0, proc.output
     async with TelemetryClient(
-        "test-app", base_url=emulator.base_url, default_user="u", spool_dir=str(spool_dir)
+        "test-app",
+        namespace="com.example",  # the script's destination: another one would leave them
+        base_url=emulator.base_url,
+        default_user="u",
+        spool_dir=str(spool_dir),
     ) as td:
         await td.flush(timeout=BOUND)
         assert await emulator.wait_for_signals(7, timeout=BOUND)

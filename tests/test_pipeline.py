@@ -21,6 +21,9 @@ from telemetrydeck_async.devserver import IngestEmulator
 
 from .conftest import ClientFactory, sdk_parameters, sha256_hex
 
+#: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
+pytestmark = pytest.mark.core
+
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

@@ -36,6 +36,9 @@ from telemetrydeck_async._spool import (
 )
 from telemetrydeck_async.exceptions import ConfigurationError, SpoolError
 
+#: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
+pytestmark = pytest.mark.core
+
 WORKER = Path(__file__).with_name("spool_worker.py")
 LOGGER = "telemetrydeck_async"
 
@@ -122,6 +125,35 @@ async def test_claim_respects_limit_and_max_bytes(spool: Spool) -> None:
     assert len((await spool.claim(3)).records) == 3
     assert len((await spool.claim(10, max_bytes=2 * size + 1)).records) == 2
     assert len((await spool.claim(10, max_bytes=1)).records) == 1
+
+
+async def test_claim_batches_hands_out_several_batches_in_order(spool: Spool) -> None:
+    """claim_batches: consecutive batches, oldest first, each within limit and max_bytes."""
+    await spool.append(records(25, pad=90))
+    size = len(body(0, 90))
+    claims = await spool.claim_batches(3, 4)
+    assert [bodies_of(c) for c in claims] == [
+        [body(i, 90) for i in range(start, start + 4)] for start in (0, 4, 8)
+    ]
+    claims = await spool.claim_batches(5, 10, max_bytes=2 * size + 1)
+    assert [len(c.records) for c in claims] == [2, 2, 2, 2, 2]
+    assert bodies_of(claims[0])[0] == body(12, 90)
+    claims = await spool.claim_batches(4, 10)
+    assert [len(c.records) for c in claims] == [3], "fewer batches when the spool runs out"
+    assert await spool.claim_batches(2, 10) == (ClaimResult((), 0, 0),)
+
+
+async def test_claim_batches_reports_expired_once(tmp_path: Path) -> None:
+    """Expired records are counted in the first result only."""
+    clock = FakeClock()
+    opened = await open_spool(tmp_path, max_age=100, clock=clock)
+    try:
+        await opened.append(records(3, at=clock.now - 1_000))
+        await opened.append(records(6, start=3, at=clock.now))
+        claims = await opened.claim_batches(3, 2)
+        assert [(len(c.records), c.expired) for c in claims] == [(2, 3), (2, 0), (2, 0)]
+    finally:
+        await opened.close()
 
 
 async def test_acked_records_are_gone(spool: Spool) -> None:
@@ -317,12 +349,12 @@ async def test_max_bytes_evicts_records_of_any_owner(tmp_path: Path) -> None:
 
 
 async def test_batch_larger_than_max_bytes_keeps_its_newest(tmp_path: Path) -> None:
-    """A batch that alone exceeds max_bytes keeps its last records; ids name those."""
+    """A batch that alone exceeds max_bytes keeps its last records (the rest rejected)."""
     size = len(body(0, 90))
     opened = await open_spool(tmp_path, max_bytes=3 * size)
     try:
         result = await opened.append(records(5, pad=90))
-        assert (len(result.ids), result.evicted) == (3, 2)
+        assert (len(result.ids), result.rejected, result.evicted) == (3, 2, 0)
         claim = await opened.claim(10)
         assert dict(claim.records) == dict(
             zip(result.ids, [body(i, 90) for i in (2, 3, 4)], strict=True)
@@ -429,13 +461,19 @@ def aside_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("spool.sqlite3.corrupt-*"))
 
 
-async def test_zero_length_database_is_treated_as_new(tmp_path: Path) -> None:
-    """An empty file is a valid empty database: used as is, nothing moved aside."""
+async def test_zero_length_database_is_moved_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty file (cut to nothing by something else) is moved aside, once, and replaced."""
     (tmp_path / "spool.sqlite3").write_bytes(b"")
     opened, kept = await reopen_and_read(tmp_path)
     try:
         assert kept == set()
-        assert aside_files(tmp_path) == []
+        (aside,) = aside_files(tmp_path)
+        assert aside.stat().st_size == 0
+        (problem,) = problems(caplog)
+        assert "zero length" in problem.getMessage()
+        assert str(aside) in problem.getMessage()
         await assert_usable(opened)
     finally:
         await opened.close()
@@ -497,13 +535,13 @@ async def test_overwritten_pages_keep_what_is_readable(tmp_path: Path, seed: int
 
 
 async def test_garbage_header_is_moved_aside(tmp_path: Path) -> None:
-    """A database whose first bytes were overwritten is moved aside and replaced."""
-    await fill_and_close(tmp_path)
+    """A database whose header was overwritten is moved aside; rows on other pages are kept."""
+    given = await fill_and_close(tmp_path)
     with (tmp_path / "spool.sqlite3").open("r+b") as f:
         f.write(bytes(range(100)))
     opened, kept = await reopen_and_read(tmp_path)
     try:
-        assert kept == set()
+        assert kept == given  # page 1 holds the schema, never a record
         assert len(aside_files(tmp_path)) == 1
         await assert_usable(opened)
     finally:

@@ -30,7 +30,9 @@ def free_port() -> int:
     return port
 
 
-def spool_client(base_url: str, spool_dir: Path, **options: object) -> TelemetryClient:
+def spool_client(
+    base_url: str, spool_dir: Path, app_id: str = "spool-app", **options: object
+) -> TelemetryClient:
     """A client with a spool and fast timings, aimed at ``base_url``."""
     settings: dict[str, object] = {
         "namespace": "com.example",
@@ -40,7 +42,7 @@ def spool_client(base_url: str, spool_dir: Path, **options: object) -> Telemetry
         "spool_dir": str(spool_dir),
     }
     settings.update(options)
-    return TelemetryClient("spool-app", base_url=base_url, **settings)  # type: ignore[arg-type]
+    return TelemetryClient(app_id, base_url=base_url, **settings)  # type: ignore[arg-type]
 
 
 async def send_numbered(td: TelemetryClient, ids: range) -> None:
@@ -49,9 +51,11 @@ async def send_numbered(td: TelemetryClient, ids: range) -> None:
         await td.signal("Spool.case", payload={"Test.id": i})
 
 
-async def drain_into(emulator: IngestEmulator, spool_dir: Path, expected: int) -> TelemetryClient:
+async def drain_into(
+    emulator: IngestEmulator, spool_dir: Path, expected: int, app_id: str = "spool-app"
+) -> TelemetryClient:
     """Start a fresh client on the spool; wait (bounded) for ``expected`` ids or an empty spool."""
-    td = spool_client(emulator.base_url, spool_dir)
+    td = spool_client(emulator.base_url, spool_dir, app_id)
     await td.start()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
@@ -197,6 +201,28 @@ async def test_stats_report_spool_figures(tmp_path: Path) -> None:
     assert plain.stats.spool_records is None
 
 
+async def start_producer(
+    port: int,
+    spool_dir: Path,
+    durability: str,
+    count: int,
+    workers: int,
+    queue: int,
+    pace: float = 0.0,
+) -> _proc.Proc:
+    """Start ``tests/scripts/spool_producer.py`` (app "crash-app") against a port on loopback."""
+    return await _proc.start(
+        str(_proc.SCRIPTS / "spool_producer.py"),
+        f"http://127.0.0.1:{port}",
+        str(spool_dir),
+        durability,
+        str(count),
+        str(workers),
+        str(queue),
+        str(pace),
+    )
+
+
 def _acknowledged(lines: list[str]) -> set[int]:
     """The ids the producer reported as returned from ``await td.signal()``."""
     return {int(i) for line in lines if line.startswith("ok ") for i in line.split()[1:]}
@@ -223,16 +249,7 @@ async def _crash_trial(
     """
     port = free_port()
     spool_dir = tmp_path / "spool"
-    child = await _proc.start(
-        str(_proc.SCRIPTS / "spool_producer.py"),
-        f"http://127.0.0.1:{port}",
-        str(spool_dir),
-        durability,
-        "20000",
-        "32",
-        str(queue),
-        str(pace),
-    )
+    child = await start_producer(port, spool_dir, durability, 20_000, 32, queue, pace)
     try:
         await child.wait_for("^ready$", timeout=60)
         target = random.randint(2000, 12000)
@@ -251,7 +268,8 @@ async def _crash_trial(
     assert acknowledged, child.output
     on_disk = await _spooled_ids(spool_dir)
     async with IngestEmulator(port=port) as emulator:
-        td = await drain_into(emulator, spool_dir, len(acknowledged))
+        # The producer's app: a client of another app would leave its signals alone.
+        td = await drain_into(emulator, spool_dir, len(acknowledged), app_id="crash-app")
         await asyncio.sleep(0.3)  # anything beyond the acknowledged ids also arrives
         await td.aclose()
     assert emulator.duplicates() == 0

@@ -20,6 +20,9 @@ from telemetrydeck_async.devserver import IngestEmulator
 
 from .conftest import ClientFactory, sdk_parameters, sha256_hex
 
+#: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
+pytestmark = pytest.mark.core
+
 BAD_SIGNALS: list[tuple[str, dict[str, Any], str]] = [
     ("empty type", {"signal_type": ""}, "type"),
     ("blank type", {"signal_type": "   "}, "type"),
