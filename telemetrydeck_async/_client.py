@@ -256,7 +256,7 @@ class TelemetryClient(Presets):
         self._closing: asyncio.Task[FlushResult] | None = None
         self._exit_ticket: _lifecycle.ExitTicket | None = None
         self._signal_handlers: _lifecycle.SignalHandlers | None = None
-        _lifecycle.track(self)
+        _lifecycle.track(self, type(self)._after_fork_in_child)
 
     def _new_pipeline(self) -> None:
         """Build the accounting, batcher and flusher (at construction, and after fork())."""
@@ -499,7 +499,6 @@ class TelemetryClient(Presets):
                 result = FlushResult(sent=0, spooled=0, dropped={}, pending=0)
             else:
                 result = await self._flusher.close(budget)
-                await self._flusher.transport.close()
         finally:
             if self._signal_handlers is not None:
                 self._signal_handlers.uninstall()
@@ -517,22 +516,23 @@ class TelemetryClient(Presets):
                 "this TelemetryClient's event loop still runs in another thread: close it there "
                 "(e.g. asyncio.run_coroutine_threadsafe(client.aclose(), loop))"
             )
+        ticket = self._exit_ticket
+        assert ticket is not None  # bound with the loop
         self._closed = True
-        result = _lifecycle.salvage(self._flusher, "aclose() ran after the client's loop ended")
-        _lifecycle.closed(self._exit_ticket)
-        self._close_result = result
-        return result
+        # The same close as the exit hook's; it reports to _closed_without_loop().
+        return _lifecycle.finish_without_loop(ticket, "aclose() ran after the client's loop ended")
 
     def _closed_without_loop(self, result: FlushResult) -> None:
-        """The exit hook spooled or dropped what was left: the client is closed."""
+        """What was left was spooled or dropped without a loop: the client is closed."""
         self._closed = True
         self._close_result = result
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: forget the parent's queue, task, session and loop (_lifecycle).
+        """In a forked child: forget the parent's queue, task, session and loop.
 
-        The parent alone sends what it had queued; this process starts over with an empty
-        queue, a new session id (unless one was configured) and binds its own loop on next use.
+        The fork hook this client hands to ``_lifecycle.track``. The parent alone sends what it
+        had queued; this process starts over with an empty queue, a new session id (unless one
+        was configured) and binds its own loop on next use.
         """
         handlers = self._signal_handlers
         if handlers is not None:

@@ -36,7 +36,7 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._retry import retry_call
 from ._signal import Signal, encode_signal
-from ._spool import Destination, Spool, SpoolRecord, open_spool
+from ._spool import Destination, Spool, SpoolRecord, append_pending_blocking, open_spool
 from ._stats import Accounting, DropReason, FlushResult, decode_bodies
 from ._transport import Transport
 from .exceptions import (
@@ -747,7 +747,11 @@ class Flusher:
             await self._progress.wait()
 
     async def close(self, timeout: float) -> FlushResult:
-        """Flush within ``timeout``, then spool or drop what is left and stop the task."""
+        """Flush within ``timeout``, spool or drop what is left, stop the task and the transport.
+
+        The close on the client's loop (``aclose()``, or the exit hook for a loop still running
+        in another thread); :meth:`salvage_without_loop` is the one for a loop that is gone.
+        """
         before = self._counts()
         self._stopping = True
         loop = asyncio.get_running_loop()
@@ -798,16 +802,20 @@ class Flusher:
                 result.dropped_total,
                 ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items())),
             )
+        await self.transport.close()
         return result
 
-    def take_everything(self) -> list[Batch]:
-        """Everything of this process still in memory, for an exit without a loop.
+    def salvage_without_loop(self, why: str) -> FlushResult:
+        """Spool, or drop with reason ``shutdown``, everything still in memory; no event loop.
 
-        Parked, in flight, queued, and overflow waiting for the spool writer. Only for
-        ``_lifecycle``, once the event loop is gone: no task will run again, so the batches
-        are taken out directly (and so out of ``pending``); the caller accounts every one.
-        Batches read back from the spool are left out: they are on disk and not in the books.
+        The close for a client whose loop is gone (the exit hook, or ``aclose()`` on another
+        loop): no task will run again, so the batches (parked, in flight, queued, overflow
+        waiting for the spool writer) are taken out of memory directly and written with a
+        blocking append (no network I/O). Batches read back from the spool are left out: they
+        are on disk and not in the books. Every outcome goes through the ledger, as on the
+        loop. ``why`` ends the log lines (what the user should do differently).
         """
+        before = self._counts()
         overflow = [*self._overflow_chunk, *self._overflow]
         batches = [
             batch
@@ -823,7 +831,56 @@ class Flusher:
         self._deliveries.clear()
         self._overflow.clear()
         self._overflow_chunk = []
-        return batches
+        # Signals already on disk (written ahead) stay there, claimed by this process; once it
+        # has exited, the next process adopts them. Writing them again would send them twice.
+        self.accounting.record_spooled(sum(len(b.written_ids()) for b in batches))
+        in_memory = [rest for rest in (b.not_written() for b in batches) if rest.bodies]
+        bodies = [body for b in in_memory for body in b.bodies]
+        if bodies and self.config.spool_dir is not None:
+            records = [
+                SpoolRecord(received_at=at, body=body)
+                for batch in in_memory
+                for body, at in zip(batch.bodies, batch.received_at, strict=True)
+            ]
+            stored, failed, evicted = self._append_without_loop(self.config.spool_dir, records)
+            self.accounting.record_stored(bodies, stored, failed, evicted, why)
+        elif bodies:
+            self.accounting.record_dropped(
+                "shutdown", len(bodies), lambda: decode_bodies(bodies), why
+            )
+        result = self._result_since(before)
+        if result.spooled:
+            log.info("%d signal(s) written to the spool for the next run: %s", result.spooled, why)
+        return result
+
+    def _append_without_loop(
+        self, directory: str, records: list[SpoolRecord]
+    ) -> tuple[int, int, int]:
+        """Store ``records`` pending, blocking; return (stored, failed, evicted).
+
+        Through this process's open spool when it has one; otherwise the configured directory
+        is opened just for this write, in the calling thread.
+        """
+        config = self.config
+        try:
+            if self.spool is not None:
+                result = self.spool.append_sync(records)
+            else:
+                result = append_pending_blocking(
+                    directory,
+                    records,
+                    max_bytes=config.spool_max_bytes,
+                    max_age=config.spool_max_age,
+                    durability=config.durability,
+                    destination=Destination(config.endpoint_url, config.app_id),
+                )
+        except Exception:
+            log.warning(
+                "could not write %d signal(s) to the spool at exit", len(records), exc_info=True
+            )
+            return 0, len(records), 0
+        # rejected: this write's own oldest that did not fit (never on disk).
+        return len(result.ids), result.failed, result.evicted + result.rejected
 
     def _counts(self) -> tuple[int, int, dict[str, int]]:
         acc = self.accounting

@@ -9,15 +9,19 @@ Three hooks keep signals from being lost or sent twice when the process, not the
   without a spool, dropped with reason ``shutdown`` and one WARNING saying how many were lost.
   A loop still running in another (daemon) thread is asked to run a bounded close instead.
 * **fork** -- ``os.register_at_fork(after_in_child=...)``: in a child process every client
-  forgets what it inherited (queue, background task, HTTP session, loop binding, spool
-  handle, exit tickets) and starts over with a new session id. The parent alone sends what it
+  (through the hook it handed to :func:`track`) forgets what it inherited (queue, background
+  task, HTTP session, loop binding, spool handle, exit tickets) and starts over with a new
+  session id. The parent alone sends what it
   had queued, so nothing is sent twice. The inherited objects are kept referenced, never
   closed: closing an inherited socket or event loop from the child would unregister the
   parent's file descriptors from the ``epoll`` set the two processes share.
 * **OS signals** -- :class:`SignalHandlers`, behind ``TelemetryClient.install_signal_handlers``:
   SIGTERM/SIGINT run a graceful ``aclose()``, then the signal's previous behaviour.
 
-This module never imports the client at runtime; the client calls in.
+This module never imports the client, nor names its methods: a client hands in its own fork hook
+(:func:`track`) and its pipeline (:class:`Pipeline`, which the flusher implements) when it starts.
+At exit the pipeline is closed with the same two closes ``aclose()`` uses: ``close()`` on its own
+loop, ``salvage_without_loop()`` once that loop is gone.
 """
 
 from __future__ import annotations
@@ -31,38 +35,39 @@ import signal
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
-from ._batcher import Batch
-from ._stats import FlushResult, decode_bodies
-
-if TYPE_CHECKING:
-    from ._client import TelemetryClient
-    from ._flusher import Flusher
-    from ._spool import AppendResult, SpoolRecord
+from ._config import ClientConfig
+from ._stats import FlushResult
 
 __all__ = [
     "DEFAULT_SIGNALS",
     "ExitTicket",
+    "Pipeline",
     "SignalHandlers",
     "closed",
     "finish_at_exit",
+    "finish_without_loop",
     "keep_inherited",
     "opened",
-    "salvage",
     "track",
 ]
 
 log = logging.getLogger("telemetrydeck_async")
 
+_T = TypeVar("_T")
+
 #: What ``install_signal_handlers()`` handles by default: a container's stop, and Ctrl-C.
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
 
-#: Every client alive in this process, for the fork hook. Weak: tracking keeps nothing alive.
-_clients: weakref.WeakSet[TelemetryClient] = weakref.WeakSet()
+#: Each live object's reset for a forked child, handed in by the object itself. Weak keys:
+#: tracking keeps nothing alive, and a collected object's entry goes with it (one
+#: ``os.register_at_fork`` per object, as OpenTelemetry's processors do, could never be
+#: unregistered: a process making a client per job would grow that list without end).
+_fork_hooks: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 #: Started, not yet closed clients' pipelines, for the exit hook. Strong on purpose: a client
 #: collected without aclose() leaves its flusher behind, and what it holds must not vanish.
 _open: set[ExitTicket] = set()
@@ -72,23 +77,37 @@ _inherited: list[object] = []
 _lock = threading.Lock()
 
 
-@runtime_checkable
-class SyncAppendable(Protocol):
-    """The part of ``_spool.Spool`` the exit hook uses: a blocking append on its own connection."""
+class Pipeline(Protocol):
+    """What the exit hook needs of a client's pipeline (``_flusher.Flusher`` implements it).
 
-    def append_sync(self, records: Sequence[SpoolRecord]) -> AppendResult:
-        """Store records pending, blocking; safe without an event loop."""
+    The same two closes ``aclose()`` uses: one on the pipeline's own loop, one for a loop that
+    is gone. Nothing else of the pipeline (its queue, deliveries, spool) is looked at here.
+    """
+
+    @property
+    def config(self) -> ClientConfig:
+        """The client's options (``close_timeout`` bounds a close at exit)."""
+
+    @property
+    def pending(self) -> int:
+        """Signals of this process not yet sent, spooled or dropped."""
+
+    async def close(self, timeout: float) -> FlushResult:
+        """On the pipeline's loop: flush within ``timeout``, spool or drop the rest, stop."""
+
+    def salvage_without_loop(self, why: str) -> FlushResult:
+        """With the loop gone: spool, or drop with reason ``shutdown``, all that is left."""
 
 
 @attrs.define(eq=False)
 class ExitTicket:
     """A started, unclosed client's pipeline, as the exit hook needs it.
 
-    It holds the flusher (and through it the batcher, accounting, config and spool), not the
-    client, so a client garbage-collected without ``aclose()`` still has its signals saved.
+    It holds the pipeline (the flusher, and through it the batcher, ledger and spool), not
+    the client, so a client garbage-collected without ``aclose()`` still has its signals saved.
     """
 
-    flusher: Flusher
+    pipeline: Pipeline
     loop: asyncio.AbstractEventLoop
     #: Told the outcome when the exit hook finished the client off (if it is still alive).
     on_salvaged: weakref.WeakMethod[Callable[[FlushResult], None]]
@@ -97,29 +116,25 @@ class ExitTicket:
 # ------------------------------------------------------------------------------ registration
 
 
-def track(client: TelemetryClient) -> None:
-    """Remember ``client`` for the fork hook (weakly)."""
+def track(owner: _T, after_fork_in_child: Callable[[_T], None]) -> None:
+    """Call ``after_fork_in_child(owner)`` in a forked child while ``owner`` lives (weakly)."""
     with _lock:
-        _clients.add(client)
+        _fork_hooks[owner] = after_fork_in_child
 
 
 def opened(
-    flusher: Flusher,
+    pipeline: Pipeline,
     loop: asyncio.AbstractEventLoop,
     on_salvaged: Callable[[FlushResult], None],
 ) -> ExitTicket:
-    """A client bound ``loop`` and started ``flusher``: guard it at interpreter exit."""
-    ticket = ExitTicket(flusher, loop, weakref.WeakMethod(on_salvaged))
+    """A client bound ``loop`` and started ``pipeline``: guard it at interpreter exit."""
+    ticket = ExitTicket(pipeline, loop, weakref.WeakMethod(on_salvaged))
     with _lock:
         # Forget clients left unclosed on loops that have ended with nothing in memory: there
         # is nothing to save at exit, and holding them would keep their spool threads alive.
-        _open.difference_update([t for t in _open if t.loop.is_closed() and _empty(t.flusher)])
+        _open.difference_update([t for t in _open if t.loop.is_closed() and not t.pipeline.pending])
         _open.add(ticket)
     return ticket
-
-
-def _empty(flusher: Flusher) -> bool:
-    return not flusher.batcher and not flusher.in_flight and not flusher.parked
 
 
 def closed(ticket: ExitTicket | None) -> None:
@@ -134,135 +149,36 @@ def keep_inherited(*objects: object) -> None:
     _inherited.extend(o for o in objects if o is not None)
 
 
-# ------------------------------------------------------------------------------ salvage
+# ------------------------------------------------------------------------------ exit
 
 
 def _loop_gone(loop: asyncio.AbstractEventLoop) -> bool:
     return loop.is_closed() or not loop.is_running()
 
 
-def salvage(flusher: Flusher, why: str) -> FlushResult:
-    """Spool, or drop with reason ``shutdown``, everything ``flusher`` holds; no event loop.
-
-    For a client whose loop is gone: nothing will run on it again, so the batches are taken
-    out of memory directly and written with the spool's blocking ``append_sync`` (no network
-    I/O). Every outcome goes through the client's ledger (``Accounting``), as on the loop:
-    the same counters, rate-limited warnings and ``on_drop`` calls. ``why`` ends the log line
-    (what the user should do differently).
-    """
-    accounting = flusher.accounting
-    before = accounting.spooled, dict(accounting.dropped)
-    batches = flusher.take_everything()
-    # Signals already on disk (written ahead) stay there, claimed by this process; once it
-    # has exited, the next process adopts them. Writing them again would send them twice.
-    accounting.record_spooled(sum(len(b.written_ids()) for b in batches))
-    in_memory = [rest for rest in (b.not_written() for b in batches) if rest.bodies]
-    if in_memory and flusher.config.spool_dir is not None:
-        bodies = [body for b in in_memory for body in b.bodies]
-        stored, failed, evicted = spool_at_exit(flusher, in_memory)
-        accounting.record_stored(bodies, stored, failed, evicted, why)
-    elif in_memory:
-        lost = [body for b in in_memory for body in b.bodies]
-        accounting.record_dropped("shutdown", len(lost), lambda: decode_bodies(lost), why)
-    spooled = accounting.spooled - before[0]
-    dropped = {
-        reason: n - before[1].get(reason, 0)
-        for reason, n in accounting.dropped.items()
-        if n != before[1].get(reason, 0)
-    }
-    if spooled:
-        log.info("%d signal(s) written to the spool for the next run: %s", spooled, why)
-    return FlushResult(sent=0, spooled=spooled, dropped=dropped, pending=0)
-
-
-def spool_at_exit(flusher: Flusher, batches: Sequence[Batch]) -> tuple[int, int, int]:
-    """Write ``batches`` to the spool, blocking; return (stored, failed, evicted).
-
-    Uses the flusher's own spool (its ``append_sync``) when it has one open in this process;
-    otherwise opens the configured spool directory just for this write.
-    """
-    from ._spool import SpoolRecord  # only when a spool is configured: sqlite3 stays unloaded
-
-    records = [
-        SpoolRecord(received_at=at, body=body)
-        for batch in batches
-        for body, at in zip(batch.bodies, batch.received_at, strict=True)
-    ]
-    spool = getattr(flusher, "spool", None)
-    try:
-        if isinstance(spool, SyncAppendable):
-            result = spool.append_sync(records)
-        else:
-            result = _append_to_fresh_spool(flusher, records)
-    except Exception:
-        log.warning(
-            "could not write %d signal(s) to the spool at exit", len(records), exc_info=True
-        )
-        return 0, len(records), 0
-    return len(result.ids), result.failed, result.evicted + result.rejected
-
-
-def _append_to_fresh_spool(flusher: Flusher, records: Sequence[SpoolRecord]) -> AppendResult:
-    """Open the configured spool on a throwaway loop, append pending, close: disk only.
-
-    The loop runs in a helper thread, because this may be called on a running loop (an
-    ``aclose()`` on a new loop after the client's own one ended), where ``asyncio.run()`` is
-    not allowed.
-    """
-    from ._spool import Destination, open_spool
-
-    config = flusher.config
-    directory = config.spool_dir
-    assert directory is not None  # checked by the caller
-
-    async def append() -> AppendResult:
-        spool = await open_spool(
-            directory,
-            max_bytes=config.spool_max_bytes,
-            max_age=config.spool_max_age,
-            durability=config.durability,
-            destination=Destination(config.endpoint_url, config.app_id),
-        )
-        try:
-            return await spool.append(records)
-        finally:
-            await spool.close()
-
-    outcome: list[AppendResult | BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(asyncio.run(append()))
-        except BaseException as exc:  # handed to the calling thread below
-            outcome.append(exc)
-
-    helper = threading.Thread(target=run, name="telemetrydeck-exit-spool")
-    helper.start()
-    helper.join()
-    (result,) = outcome
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
 def _close_on_other_thread(ticket: ExitTicket) -> None:
     """The loop still runs in another (daemon) thread: ask it for a bounded close."""
-    flusher = ticket.flusher
-    budget = flusher.config.close_timeout
-
-    async def close() -> FlushResult:
-        try:
-            return await flusher.close(budget)
-        finally:
-            await flusher.transport.close()
-
+    budget = ticket.pipeline.config.close_timeout
     try:
-        future = asyncio.run_coroutine_threadsafe(close(), ticket.loop)
+        future = asyncio.run_coroutine_threadsafe(ticket.pipeline.close(budget), ticket.loop)
         result = future.result(timeout=budget + 1.0)
     except Exception:
         log.warning("could not close a TelemetryClient at exit", exc_info=True)
         return
     _tell(ticket, result)
+
+
+def finish_without_loop(ticket: ExitTicket, why: str) -> FlushResult:
+    """The close of a client whose loop is gone, for ``aclose()`` and the exit hook alike.
+
+    The pipeline spools, or drops with reason ``shutdown``, what it still holds, without
+    network I/O; then the ticket is retired and its client (if still alive) told the outcome.
+    ``why`` ends the log lines (what the user should do differently).
+    """
+    result = ticket.pipeline.salvage_without_loop(why)
+    closed(ticket)
+    _tell(ticket, result)
+    return result
 
 
 def _tell(ticket: ExitTicket, result: FlushResult) -> None:
@@ -281,12 +197,11 @@ def finish_at_exit(tickets: Iterable[ExitTicket]) -> None:
         closed(ticket)
         try:
             if _loop_gone(ticket.loop):
-                result = salvage(
-                    ticket.flusher,
+                finish_without_loop(
+                    ticket,
                     "a TelemetryClient was still open when the interpreter exited; "
                     "use 'async with TelemetryClient(...)' or 'await client.aclose()'",
                 )
-                _tell(ticket, result)
             else:
                 _close_on_other_thread(ticket)
         except Exception:
@@ -304,15 +219,15 @@ def _at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """Reset every live client in a freshly forked child (see the module docstring)."""
+    """Run every live object's fork hook in a freshly forked child (see the module docstring)."""
     global _lock
     # Another thread of the parent may have held the lock at fork time: never wait on it here.
     _lock = threading.Lock()
     keep_inherited(*_open)
     _open.clear()
-    for client in list(_clients):
+    for owner, after_fork_in_child in list(_fork_hooks.items()):
         try:
-            client._after_fork_in_child()
+            after_fork_in_child(owner)
         except Exception:
             log.warning("could not reset a TelemetryClient after fork()", exc_info=True)
 

@@ -2184,3 +2184,52 @@ async def open_spool(
         raise
     _log.debug("spool %s opened (owner %s, %s)", settings.db_path, settings.owner_id, durability)
     return spool
+
+
+def append_pending_blocking(
+    directory: str | os.PathLike[str],
+    records: Sequence[SpoolRecord],
+    *,
+    max_bytes: int,
+    max_age: float,
+    durability: Literal["spill", "always"],
+    destination: Destination | None = None,
+) -> AppendResult:
+    """Open the spool in ``directory``, store ``records`` pending, close it: all blocking.
+
+    For an exit hook in a process that has no spool open: the same open (repair, owner
+    registration), append and close as :func:`open_spool`, :meth:`Spool.append` and
+    :meth:`Spool.close`, run in the calling thread with no worker thread and no event loop.
+    Never raises for disk problems: what could not be stored is counted ``failed``.
+    """
+    settings = _Settings(
+        directory=Path(os.getcwd(), os.fspath(directory)),
+        max_bytes=max_bytes,
+        max_age=float(max_age),
+        durability=durability,
+        lease=30.0,
+        clock=time.time,
+        owner_id=secrets.token_hex(8),
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+        destination=destination,
+    )
+    batch = tuple(records)
+    job = _Job(
+        lambda store: store.append(batch, None),
+        AppendResult((), len(batch), 0),
+        append=(batch, None),
+    )
+    result = job.fallback
+    # The worker's own open, write and close, run here: its thread is never started.
+    worker = _Worker(settings, _Reporter())
+    worker._open()
+    if not worker.disabled and batch:
+        try:
+            (result,) = worker._write([job], sum(len(r.body) for r in batch))
+        except Exception as exc:
+            worker._failed(exc)
+        else:
+            worker.reporter.success(worker.store.path)
+    worker._shutdown(_Stop(crash=False, loop=None, future=None))
+    return result

@@ -70,9 +70,9 @@ def tracked_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TelemetryC
     created: list[TelemetryClient] = []
     track = _lifecycle.track
 
-    def track_and_keep(client: TelemetryClient) -> None:
+    def track_and_keep(client: TelemetryClient, *fork_hook: Any) -> None:
         created.append(client)
-        track(client)
+        track(client, *fork_hook)
 
     monkeypatch.setattr(_lifecycle, "track", track_and_keep)
     yield created

@@ -6,18 +6,23 @@ Every wait is bounded by a generous outer timeout; nothing asserts how long some
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import signal
+import sqlite3
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from telemetrydeck_async import FlushResult, TelemetryClient, WrongEventLoopError
-from telemetrydeck_async._spool import open_spool
+from telemetrydeck_async import FlushResult, TelemetryClient, WrongEventLoopError, _lifecycle
+from telemetrydeck_async._lifecycle import track
+from telemetrydeck_async._spool import DB_NAME, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 
 from . import _proc
@@ -418,3 +423,89 @@ async def test_exit_hook_forgets_unclosed_clients_with_nothing_left_to_save(
     assert empty._exit_ticket is not None
     assert empty._exit_ticket not in _lifecycle._open
     assert holding._exit_ticket in _lifecycle._open
+
+
+async def test_exit_salvage_opens_a_spool_that_never_opened_without_a_thread_or_loop(
+    emulator: IngestEmulator, tmp_path: Path
+) -> None:
+    """Salvage with no spool open writes it in the calling thread (no thread) and closes it."""
+    spool_dir = tmp_path / "spool"
+    td = TelemetryClient(
+        "test-app",
+        base_url=emulator.base_url,
+        default_user="u",
+        flush_interval=60,
+        spool_dir=str(spool_dir),
+    )
+
+    async def queue_without_yielding() -> None:
+        # No await: the loop ends before the spool-opening task has run a single step.
+        for i in range(3):
+            td.signal_nowait("App.tick", payload={"Test.id": i})
+
+    threads_before = set(threading.enumerate())
+    thread = threading.Thread(target=asyncio.run, args=(queue_without_yielding(),))
+    thread.start()
+    thread.join(BOUND)
+    assert td._flusher.spool is None  # its open was cancelled with the loop
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def record_start(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threading.Thread, "start", record_start)
+        result = await asyncio.wait_for(td.aclose(), BOUND)
+    assert result == FlushResult(sent=0, spooled=3, dropped={}, pending=0)
+    assert started == []
+    # No owner is left open; the cancelled open closes its own from its thread: wait for it.
+    for worker in set(threading.enumerate()) - threads_before:
+        if worker.name.startswith("telemetrydeck-spool-"):
+            worker.join(BOUND)
+    assert owners_open(spool_dir) == 0
+    assert await spooled_ids(spool_dir) == [0, 1, 2]
+
+
+def owners_open(spool_dir: Path) -> int:
+    """Owners of the spool at ``spool_dir`` not marked closed."""
+    with contextlib.closing(sqlite3.connect(spool_dir / DB_NAME)) as db:
+        (count,) = db.execute("SELECT count(*) FROM owners WHERE closed = 0").fetchone()
+    return int(count)
+
+
+class _Owner:
+    """Something that hands the lifecycle a fork hook."""
+
+
+def test_fork_hooks_hold_their_owner_weakly() -> None:
+    """track() keeps no object alive: once its owner is collected, its fork hook is gone."""
+    reset: list[_Owner] = []
+    owner = _Owner()
+    track(owner, reset.append)
+    assert _lifecycle._fork_hooks[owner] == reset.append
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+    assert not any(isinstance(o, _Owner) for o in _lifecycle._fork_hooks)
+    assert reset == []
+
+
+def test_lifecycle_imports_nothing_above_it() -> None:
+    """_lifecycle talks to the pipeline through its protocol: no import of the client or flusher."""
+    import ast
+
+    import telemetrydeck_async._lifecycle as lifecycle
+
+    tree = ast.parse(Path(lifecycle.__file__).read_text(encoding="utf-8"))
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            name = "." * node.level + (node.module or "")
+            imported.update(f"{name}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.startswith((".", "telemetrydeck_async"))}
+    assert ours == {"._config.ClientConfig", "._stats.FlushResult"}, ours
