@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from telemetrydeck_async import RetryPolicy, TelemetryClient
-from telemetrydeck_async._flusher import _OVERFLOW_BUFFER
 from telemetrydeck_async._spool import open_spool
+from telemetrydeck_async._spool_link import OVERFLOW_BUFFER as _OVERFLOW_BUFFER
 from telemetrydeck_async.devserver import IngestEmulator
 
 from . import _proc
