@@ -45,6 +45,8 @@ RECOVERED_SEQ = 2**62
 OVERFLOW_BUFFER = 10_000
 #: Overflowing signals written to the spool per transaction.
 _SPILL_CHUNK = 1_000
+#: Batches claimed from the spool in one transaction while recovering at full pace.
+_CLAIM_BATCHES = 8
 #: A lease is renewed this many times within its length: two renewals may be missed (a busy
 #: disk, a stalled loop) before another process takes this one's records over.
 _HEARTBEATS_PER_LEASE = 3
@@ -56,6 +58,10 @@ class Sender(Protocol):
     @property
     def stopping(self) -> bool:
         """True once the client is closing: recovery stops."""
+
+    @property
+    def healthy(self) -> bool:
+        """True while requests may go at full pace (not probing, not retrying)."""
 
     def may_recover(self) -> bool:
         """True while a recovered batch may be sent now (the endpoint's health rule)."""
@@ -329,22 +335,70 @@ class SpoolLink:
             await asyncio.sleep(interval)
 
     async def _recover_some(self, spool: Spool, sender: Sender) -> None:
-        """Claim and send spooled batches until the spool is empty or the endpoint fails."""
+        """Claim and send spooled batches until the spool is empty or the endpoint fails.
+
+        At full pace the next claim runs in the spool's thread while the batches of the last
+        one are being sent, so a free request slot never waits for the disk; each claim takes
+        several batches in one transaction. While the endpoint is not healthy (a probe, one
+        request at a time) one batch is claimed at a time. Claimed batches not sent when this
+        stops go back to the spool.
+        """
         config = self.config
         budget = batch_budget(config.max_batch_bytes, config.batch_size)
-        while sender.may_recover():
-            await sender.acquire_slot()
-            if not sender.may_recover():
-                sender.release_slot()
-                return
-            claim = await spool.claim(config.batch_size, budget)
-            self.accounting.record_dropped("expired", claim.expired, from_spool=True)
-            if not claim.records:
-                sender.release_slot()
-                return
-            ids: list[int | None] = [record_id for record_id, _ in claim.records]
-            bodies = [body for _, body in claim.records]
-            sender.launch(Batch(bodies, [0.0] * len(bodies), RECOVERED_SEQ, ids, recovered=True))
+        ready: deque[Batch] = deque()
+        claiming: asyncio.Future[list[Batch]] | None = None
+        exhausted = False
+        try:
+            while sender.may_recover():
+                if not ready:
+                    if exhausted:
+                        return
+                    if claiming is None:
+                        claiming = asyncio.ensure_future(self._claim(spool, sender, budget))
+                    batches = await claiming
+                    claiming = None
+                    exhausted = not batches
+                    ready.extend(batches)
+                    continue  # the claim took a while: ask the health rule again
+                if claiming is None and not exhausted and sender.healthy:
+                    # Read the next batches from disk while these are sent.
+                    claiming = asyncio.ensure_future(self._claim(spool, sender, budget))
+                await sender.acquire_slot()
+                if not sender.may_recover():
+                    sender.release_slot()
+                    return
+                sender.launch(ready.popleft())
+        finally:
+            if claiming is not None:
+                if claiming.done():
+                    if not claiming.cancelled() and claiming.exception() is None:
+                        ready.extend(claiming.result())
+                else:
+                    # The spool gives back what a cancelled claim had already taken.
+                    claiming.cancel()
+            unsent = [i for batch in ready for i in batch.written_ids()]
+            if unsent:
+                self.later(spool.release(unsent))
+
+    def _claim_size(self, sender: Sender) -> int:
+        """Batches per claim: one while probing, else enough to keep every slot busy."""
+        if not sender.healthy:
+            return 1
+        return max(_CLAIM_BATCHES, self.config.max_concurrent_requests)
+
+    async def _claim(self, spool: Spool, sender: Sender, budget: int) -> list[Batch]:
+        """One transaction: up to :meth:`_claim_size` batches of spooled signals."""
+        claims = await spool.claim_batches(self._claim_size(sender), self.config.batch_size, budget)
+        self.accounting.record_dropped("expired", claims[0].expired, from_spool=True)
+        batches = []
+        for claim in claims:
+            if claim.records:
+                ids: list[int | None] = [record_id for record_id, _ in claim.records]
+                bodies = [body for _, body in claim.records]
+                batches.append(
+                    Batch(bodies, [0.0] * len(bodies), RECOVERED_SEQ, ids, recovered=True)
+                )
+        return batches
 
     # ----------------------------------------------------------------------------- close
 

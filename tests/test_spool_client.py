@@ -116,6 +116,31 @@ async def test_retries_exhausted_go_to_the_spool_not_the_floor(
     assert td.stats.recovered == 50
 
 
+async def test_recovery_interrupted_by_an_outage_gives_claimed_batches_back(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """Recovery claims ahead; when the endpoint fails mid-way, the claimed rest is resent."""
+    emulator.faults.status_always = 500
+    first = spool_client(emulator.base_url, tmp_path, retry=SHORT_DEADLINE, batch_size=1000)
+    await send_numbered(first, range(2000))
+    assert (await first.flush()).spooled == 2000
+    await first.aclose()
+    # The endpoint comes back slowly, then fails again while recovery has batches claimed
+    # ahead of the requests; those must go back to the spool, not sit with this process.
+    emulator.faults.update({"status_always": None, "delay": 0.02})
+    td = spool_client(emulator.base_url, tmp_path, retry=SHORT_DEADLINE, batch_size=20)
+    await td.start()
+    assert await emulator.wait_for_signals(100, timeout=60)
+    emulator.faults.status_always = 503
+    await asyncio.sleep(0.3)
+    emulator.faults.update({"status_always": None, "delay": 0.0})
+    assert await emulator.wait_for_signals(2000, timeout=60)
+    await td.aclose()
+    assert emulator.distinct_ids() == set(range(2000))
+    assert td.stats.recovered == 2000
+    assert td.stats.spool_records == 0
+
+
 async def test_queue_overflow_spills_to_disk_instead_of_dropping(
     tmp_path: Path, emulator: IngestEmulator
 ) -> None:
