@@ -31,20 +31,33 @@ import attrs
 from ._batcher import Batch, batch_budget
 from ._config import ClientConfig
 from ._signal import Signal, encode_signal
-from ._spool import Destination, Spool, SpoolRecord, open_spool
+from ._spool import AppendResult, Destination, Spool, SpoolRecord, open_spool
 from ._stats import Accounting, DropReason, decode_bodies
 from .exceptions import SpoolError
 
-__all__ = ["OVERFLOW_BUFFER", "Sender", "SpoolLink"]
+__all__ = ["AWAITED_OVERFLOW", "OVERFLOW_BUFFER", "OVERFLOW_BYTES", "Sender", "SpoolLink"]
 
 log = logging.getLogger("telemetrydeck_async")
 
 #: ``seq`` of batches read back from the spool: after every flush() target, never waited for.
 RECOVERED_SEQ = 2**62
-#: Encoded signals that may wait in memory for the spool writer (beside the queue itself).
-OVERFLOW_BUFFER = 10_000
-#: Overflowing signals written to the spool per transaction.
-_SPILL_CHUNK = 1_000
+#: Encoded signals that may wait in memory for the spool writer (beside the queue itself),
+#: at most; and at most this many bytes of them (``_ENTRY_BYTES`` each on top of the body).
+#: Big enough that a burst of 100,000 typical signals from a loop that rarely yields waits
+#: for the disk instead of being dropped; bounded, so memory stays flat in a long outage.
+OVERFLOW_BUFFER = 100_000
+OVERFLOW_BYTES = 32 * 2**20
+#: Awaiting callers (``await signal()``) can wait: past this many overflow signals they wait
+#: for the spool writer, which keeps memory small when they outrun the disk.
+AWAITED_OVERFLOW = 10_000
+#: What one waiting signal costs beside its body: the tuple, the bytes and float objects.
+_ENTRY_BYTES = 120
+#: Overflowing signals written to the spool per transaction: large, so the spool's thread
+#: takes the GIL from a busy loop a few times per thousands of signals, not per hundred.
+_SPILL_CHUNK = 5_000
+#: Overflowing signals made into records per turn of the loop while a chunk is prepared:
+#: the loop's callers run in between, so preparing a chunk never stalls them for long.
+_SPILL_SLICE = 500
 #: Batches claimed from the spool in one transaction while recovering at full pace.
 _CLAIM_BATCHES = 8
 #: A lease is renewed this many times within its length: two renewals may be missed (a busy
@@ -93,6 +106,8 @@ class SpoolLink:
     # The overflow signals the spool writer is storing right now (still in memory, pending).
     _overflow_chunk: list[tuple[bytes, float]] = attrs.field(factory=list, init=False)
     _overflow_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    # Bytes of the overflow (waiting and being written), as counted against OVERFLOW_BYTES.
+    _overflow_bytes: int = attrs.field(default=0, init=False)
 
     # ----------------------------------------------------------------------------- open
 
@@ -197,14 +212,17 @@ class SpoolLink:
             self.later(spool.release(written))
             self.accounting.record_spooled(len(written))
         if result is not None:
-            self.accounting.record_stored(
-                rest.bodies,
-                len(result.ids),
-                result.failed,
-                # rejected: this write's own oldest that did not fit (never on disk).
-                result.evicted + result.rejected,
-                detail,
-            )
+            self._record_stored(rest.bodies, result, detail)
+
+    def _record_stored(self, bodies: list[bytes], result: AppendResult, detail: str) -> None:
+        self.accounting.record_stored(
+            bodies,
+            len(result.ids),
+            result.failed,
+            # rejected: this write's own oldest that did not fit (never on disk).
+            result.evicted + result.rejected,
+            detail,
+        )
 
     def hand_back(self, batch: Batch) -> None:
         """A delivery was cancelled: what of ``batch`` is on disk goes back to the spool."""
@@ -255,10 +273,12 @@ class SpoolLink:
             return
         # One background writer for all overflowing signals, not a task per signal.
         self._overflow.append((body, signal.received_at))
+        self._overflow_bytes += len(body) + _ENTRY_BYTES
         # Bounded, the chunk being written included: a burst from synchronous code can outrun
         # the disk for a moment, but memory stays capped however slow the disk is.
-        if self.overflow_depth > OVERFLOW_BUFFER:
+        while self._overflow and self._overflow_full(0):
             old_body, old_at = self._overflow.popleft()
+            self._overflow_bytes -= len(old_body) + _ENTRY_BYTES
             self.drop(Batch([old_body], [old_at], -1), "queue_full")
         if self._overflow_task is None or self._overflow_task.done():
             self._overflow_task = asyncio.ensure_future(self._spill_overflow())
@@ -274,36 +294,59 @@ class SpoolLink:
         task = self._overflow_task
         if task is None or task.done():
             return
-        if self.overflow_depth < OVERFLOW_BUFFER:
+        if self.overflow_depth < AWAITED_OVERFLOW and not self._overflow_full(1):
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    def _overflow_full(self, slack: int) -> bool:
+        """True when the overflow is over its bound (by more than ``slack`` signals)."""
+        depth = self.overflow_depth
+        return depth > OVERFLOW_BUFFER - slack or (
+            depth > 1 and self._overflow_bytes > OVERFLOW_BYTES
+        )
 
     async def _spill_overflow(self) -> None:
         # One deque for the client's life (emptied in place, never replaced): a chunk handed
         # back below always lands where close() and the exit hook look.
         overflow = self._overflow
         while overflow:
-            # A bounded chunk per write: building its records runs on the loop.
-            chunk = self._overflow_chunk = [
-                overflow.popleft() for _ in range(min(len(overflow), _SPILL_CHUNK))
-            ]
-            batch = Batch([b for b, _ in chunk], [at for _, at in chunk], -1)
+            chunk = self._overflow_chunk = []
+            bodies: list[bytes] = []
+            records: list[SpoolRecord] = []
             try:
-                await self.spill_or_drop(batch, "queue_full")
+                spool = await self.usable()
+                # A large chunk per write, its records made a slice per turn of the loop.
+                while overflow and len(chunk) < _SPILL_CHUNK:
+                    if chunk:
+                        await asyncio.sleep(0)
+                    take = min(len(overflow), _SPILL_SLICE, _SPILL_CHUNK - len(chunk))
+                    part = [overflow.popleft() for _ in range(take)]
+                    chunk += part
+                    bodies += [body for body, _ in part]
+                    records += [SpoolRecord(at, body) for body, at in part]
+                if spool is None:
+                    self.drop(Batch(bodies, [at for _, at in chunk], -1), "queue_full")
+                else:
+                    result = await spool.append(records)
+                    self._record_stored(bodies, result, "")
             except asyncio.CancelledError:
                 # Not written (or not known to be): back in front of the rest, where a
                 # close() or the exit hook finds it.
                 overflow.extendleft(reversed(chunk))
+                chunk = []
                 raise
             finally:
                 self._overflow_chunk = []
+                self._overflow_bytes -= sum(len(body) for body, _ in chunk)
+                self._overflow_bytes -= _ENTRY_BYTES * len(chunk)
 
     def take_overflow(self) -> Batch:
         """Every overflow signal still in memory, taken out (for an exit without a loop)."""
         overflow = [*self._overflow_chunk, *self._overflow]
         self._overflow.clear()
         self._overflow_chunk = []
+        self._overflow_bytes = 0
         return Batch([b for b, _ in overflow], [at for _, at in overflow], -1)
 
     # ----------------------------------------------------------------------------- recovery
@@ -419,6 +462,7 @@ class SpoolLink:
         if self._overflow:  # the disk was too slow for the close budget
             chunk = list(self._overflow)
             self._overflow.clear()
+            self._overflow_bytes = 0
             self.drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
         # The spool may still be opening (a very short-lived client): wait, then close it, so
         # its thread never outlives the client.
