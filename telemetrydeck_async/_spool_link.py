@@ -52,9 +52,9 @@ OVERFLOW_BYTES = 32 * 2**20
 AWAITED_OVERFLOW = 10_000
 #: What one waiting signal costs beside its body: the tuple, the bytes and float objects.
 _ENTRY_BYTES = 120
-#: Overflowing signals written to the spool per transaction: large, so the spool's thread
-#: takes the GIL from a busy loop a few times per thousands of signals, not per hundred.
-_SPILL_CHUNK = 5_000
+#: Overflowing signals written to the spool per transaction. 5,000 spilled faster but the
+#: spool thread then held the GIL for milliseconds at a time, stalling a busy loop more.
+_SPILL_CHUNK = 1_000
 #: Overflowing signals made into records per turn of the loop while a chunk is prepared:
 #: the loop's callers run in between, so preparing a chunk never stalls them for long.
 _SPILL_SLICE = 500
