@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._client import TelemetryClient
-from ._flusher import describe_wait
+from ._health import describe_wait
 from ._retry import RetryPolicy
 from ._version import __version__
 from .exceptions import TelemetryDeckError

@@ -16,7 +16,18 @@ import attrs
 
 from ._signal import Signal, encode_signal
 
-__all__ = ["Batch", "Batcher"]
+__all__ = ["Batch", "Batcher", "batch_budget"]
+
+
+def batch_budget(max_batch_bytes: int, signals: int = 0) -> int:
+    """Bytes left for signal bodies in one request of at most ``max_batch_bytes``.
+
+    The body is a JSON array: two bytes of brackets, and a comma between signals. With
+    ``signals`` given, the commas of that many signals are taken off too (one more than
+    needed, which keeps the figure safe for any count up to ``signals``); without, the caller
+    adds one per signal after the first as it goes. The one place this rule lives.
+    """
+    return max_batch_bytes - 2 - signals
 
 
 @attrs.define(eq=False)
@@ -148,8 +159,8 @@ class Batcher:
         received: list[float] = []
         written = self._spool_ids
         ids: list[int | None] | None = None
-        # Two bytes for the brackets; one comma per signal after the first.
-        budget = self.max_batch_bytes - 2
+        # The brackets; one comma per signal after the first, added below as signals join.
+        budget = batch_budget(self.max_batch_bytes)
         size = 0
         seq = self.taken_total
         if self._carry is not None:

@@ -25,7 +25,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
 from . import _lifecycle
-from ._batcher import Batcher
+from ._batcher import Batcher, batch_budget
 from ._config import (
     DEFAULT_BASE_URL,
     BeforeSend,
@@ -370,7 +370,7 @@ class TelemetryClient(Presets):
         """
         if self._enabled:
             self._bind_loop()
-            await self._flusher.spool_ready(_SPOOL_OPEN_WAIT)
+            await self._flusher.link.ready(_SPOOL_OPEN_WAIT)
 
     def _bind_loop(self) -> None:
         if self._closed:
@@ -707,7 +707,7 @@ class TelemetryClient(Presets):
             Signal,
             (signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared),
         )
-        limit = self._config.max_batch_bytes - 2
+        limit = batch_budget(self._config.max_batch_bytes)  # a lone signal's room
         if (
             size_bound(signal_type, session_id, chars, len(own), shared)
             if chars >= 0
@@ -717,7 +717,8 @@ class TelemetryClient(Presets):
             if size > limit:
                 raise InvalidSignalError(
                     "payload",
-                    f"the signal encodes to {size} bytes, more than the {limit + 2} bytes "
+                    f"the signal encodes to {size} bytes, more than the "
+                    f"{self._config.max_batch_bytes} bytes "
                     f"max_batch_bytes allows for one request; send less (large values belong "
                     f"in your own storage, with an id in the payload) or raise max_batch_bytes",
                 )
@@ -802,7 +803,7 @@ class TelemetryClient(Presets):
         self._accounting.record_enqueued()
         if self._batcher.put(signal, spool_id):
             return True
-        self._flusher.overflow(signal, spool_id)
+        self._flusher.link.overflow(signal, spool_id)
         return False
 
     async def _submit(self, signal: Signal) -> None:
@@ -810,7 +811,7 @@ class TelemetryClient(Presets):
         spool_id = None
         if self._write_ahead:
             # On disk (group-committed) before signal() returns: survives kill -9.
-            spool_id = await self._flusher.write_ahead(signal)
+            spool_id = await self._flusher.link.write_ahead(signal)
         if not self._batcher.space.is_set():
             await self._wait_for_room()
         self._enqueue(signal, spool_id)
@@ -904,7 +905,7 @@ class TelemetryClient(Presets):
                 await asyncio.wait_for(self._batcher.space.wait(), self._config.request_timeout)
         else:
             # The overflow goes to the spool: keep pace with the disk, not past it.
-            await self._flusher.wait_for_overflow_room(self._config.request_timeout)
+            await self._flusher.link.wait_for_overflow_room(self._config.request_timeout)
 
     def _validate_disabled(
         self,

@@ -152,6 +152,9 @@ _T = TypeVar("_T")
 
 DB_NAME: Final = "spool.sqlite3"
 LOCK_NAME: Final = "spool.lock"
+#: Seconds an owner counts as alive after its last heartbeat, unless ``open_spool`` is told
+#: otherwise; the client renews it a few times within (see ``_spool_link``).
+DEFAULT_LEASE: Final = 30.0
 _SCHEMA_VERSION: Final = 2
 #: How long one statement waits for another process's write lock before it fails.
 _BUSY_TIMEOUT: Final = 5.0
@@ -1901,6 +1904,11 @@ class Spool:
         return self._closed
 
     @property
+    def lease(self) -> float:
+        """Seconds this owner counts as alive after its last heartbeat."""
+        return self._settings.lease
+
+    @property
     def failed(self) -> int:
         """Records that could not be persisted since the spool was opened."""
         return self._failed
@@ -2136,7 +2144,7 @@ async def open_spool(
     max_bytes: int = 64 * 2**20,
     max_age: float = 7 * 86400,
     durability: Literal["spill", "always"] = "spill",
-    lease: float = 30.0,
+    lease: float = DEFAULT_LEASE,
     clock: Callable[[], float] = time.time,
     destination: Destination | None = None,
 ) -> Spool:
