@@ -14,10 +14,12 @@ import asyncio
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 from ._client import TelemetryClient
+from ._config import DEFAULT_BASE_URL, is_loopback
 from ._health import describe_wait
 from ._retry import RetryPolicy
 from ._version import __version__
@@ -171,6 +173,23 @@ def _parse_payload(items: Sequence[str]) -> dict[str, str | int | float | bool]:
     return payload
 
 
+def _unused_network_options(args: argparse.Namespace) -> list[str]:
+    """Notes for --proxy/--ssl given where they cannot apply: a check that checked nothing."""
+    url = urllib.parse.urlsplit(args.base_url or DEFAULT_BASE_URL)
+    notes = []
+    if args.proxy and is_loopback(url.hostname or ""):
+        notes.append(
+            "note: --proxy is not used: a loopback --base-url is always reached directly, "
+            "so this run does not test the proxy"
+        )
+    if args.ssl and url.scheme == "http":
+        notes.append(
+            "note: --ssl is not used: the --base-url is http://, so this run does not test "
+            "the CA bundle"
+        )
+    return notes
+
+
 async def _send(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     for option in ("base_url", "proxy", "ssl"):
@@ -185,6 +204,8 @@ async def _send(args: argparse.Namespace) -> int:
         close_timeout=args.timeout + 5,
         **options,
     ) as td:
+        for note in _unused_network_options(args):  # the options are valid by now
+            print(note, file=sys.stderr)
         await td.signal(
             args.type,
             client_user=args.user,

@@ -27,13 +27,19 @@
   signal type), ``TELEMETRYDECK_REQUEST_FILTER`` (a ``filter(info) -> bool`` callable, or
   its dotted path) and ``TELEMETRYDECK_REQUEST_USER`` (``user(request) -> str | None``, the
   user id of a request, hashed like any other; default: the client's default user).
+* :func:`with_lifespan` wraps Django's ASGI application so that the server's lifespan
+  shutdown closes the client. Needed under uvicorn: after its graceful shutdown it re-raises
+  SIGTERM with the default disposition, which ends the process without running ``atexit``
+  hooks, so the client's exit close never runs and what it still held is lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._http import DEFAULT_REQUEST_SIGNAL, UNMATCHED_ROUTE, RequestInfo, RequestSignals
@@ -53,7 +59,14 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without Django
     raise ImportError("telemetrydeck_async.django needs Django: pip install django") from exc
 
-__all__ = ["TelemetryMiddleware", "get_telemetry"]
+__all__ = ["TelemetryMiddleware", "get_telemetry", "with_lifespan"]
+
+_log = logging.getLogger("telemetrydeck_async")
+
+_Scope = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Scope]]
+_Send = Callable[[_Scope], Awaitable[None]]
+_ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 _client: SyncTelemetryClient | None = None
 _lock = threading.Lock()
@@ -169,3 +182,39 @@ class TelemetryMiddleware:
             self._signals.warn("config", "telemetry is not configured", exc)
             return
         self._signals.send(client, info, self._signals.user_of(self._client_user, request))
+
+
+def with_lifespan(application: _ASGIApp) -> _ASGIApp:
+    """Django's ASGI application, plus the ASGI lifespan: the server's shutdown closes the client.
+
+    ::
+
+        # asgi.py
+        application = with_lifespan(get_asgi_application())
+
+    Django itself does not speak the lifespan protocol. Without it, the client closes at the
+    process's exit (``atexit``), which uvicorn skips: after its graceful shutdown it re-raises
+    SIGTERM, and the default disposition ends the process on the spot. Here the close runs in
+    a worker thread, bounded by ``close_timeout``, before the server reports the shutdown
+    complete; what it cannot send goes to the spool, or is dropped and counted.
+    """
+
+    async def app(scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "lifespan":
+            await application(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                client = _client
+                if client is not None:
+                    try:
+                        await asyncio.to_thread(client.close)
+                    except Exception:  # telemetry never fails the server's shutdown
+                        _log.exception("closing the telemetry client at shutdown failed")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return app

@@ -8,6 +8,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from telemetrydeck_async import RetryPolicy, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
 
@@ -84,6 +86,30 @@ async def test_send_exits_nonzero_with_a_reason_when_refused(emulator: IngestEmu
     )
     assert code == 1
     assert "not delivered (rejected)" in err
+
+
+async def test_send_says_when_proxy_and_ssl_were_not_used(
+    emulator: IngestEmulator, tmp_path: Path
+) -> None:
+    """--proxy to a loopback --base-url and --ssl to an http:// one test nothing: send says so.
+
+    The proxy port is closed: the signal is delivered only because loopback is never proxied.
+    """
+    trustme = pytest.importorskip("trustme")
+    ca_bundle = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_bundle))
+    args = ("send", "Cli.used", "--app-id", "APP", "--base-url", emulator.base_url)
+    code, out, err = await run_cli(
+        *args, "--proxy", f"http://127.0.0.1:{_free_port()}", "--ssl", str(ca_bundle)
+    )
+    assert code == 0, err
+    assert "delivered" in out
+    assert "--proxy is not used" in err
+    assert "--ssl is not used" in err
+    code, out, err = await run_cli(*args)
+    assert code == 0, err
+    assert "not used" not in err
+    assert len(emulator.signals) == 2
 
 
 async def test_send_with_invalid_arguments_exits_2() -> None:

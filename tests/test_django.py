@@ -8,6 +8,8 @@ through Django's test client, sync (WSGI) and async (ASGI).
 
 from __future__ import annotations
 
+import signal
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from telemetrydeck_async.devserver import IngestEmulator
 
 from . import _proc
 from .conftest import FAST_RETRY, ThreadedEmulator
-from .test_wsgi import procs, serve_and_stop
+from .test_wsgi import BOUND, REQUEST_SIGNAL, _get_all, procs, serve_and_stop
 
 django = pytest.importorskip("django")
 
@@ -40,6 +42,39 @@ async def test_django_under_gunicorn_preload_delivers_every_request_id(
         "/hello/<str:name>/",
         tmp_path / "spool" if spooled else None,
     )
+
+
+@pytest.mark.slow
+async def test_django_under_uvicorn_sigterm_sends_what_was_queued(
+    emulator: IngestEmulator, procs: list[_proc.Proc]
+) -> None:
+    """uvicorn re-raises SIGTERM after its shutdown, so no atexit: with_lifespan closes instead.
+
+    The app's flush_interval is 600 s: every signal is still queued at SIGTERM, and only the
+    lifespan shutdown's close can deliver it (without with_lifespan, none arrived).
+    """
+    pytest.importorskip("uvicorn")
+    env = _proc.script_env(TD_BASE_URL=emulator.base_url, PYTHONWARNINGS="ignore")
+    proc = await _proc.start(
+        "-m", "uvicorn", "--host", "127.0.0.1", "--port", "0",
+        "tests.scripts.django_asgi_app:application",
+        env=env,
+    )  # fmt: skip
+    procs.append(proc)
+    line = await proc.wait_for(r"Uvicorn running on http://127\.0\.0\.1:\d+", stream="err")
+    port = int(line.rsplit(":", 1)[1].split()[0])
+    ids = [f"req-{i}" for i in range(40)]
+    assert await _get_all(port, [f"/hello/{i}/" for i in ids]) == [200] * 40
+    assert emulator.signals == []  # still queued: flush_interval is 600 s
+    proc.send_signal(signal.SIGTERM)
+    await proc.finish(BOUND)
+    assert emulator.distinct_ids() == set(ids)
+    assert emulator.duplicates() == 0
+    assert any("Application shutdown complete" in line for line in proc.err), proc.output
+    routes = Counter(
+        s["payload"]["HTTP.Request.route"] for s in emulator.signals if s["type"] == REQUEST_SIGNAL
+    )
+    assert routes == {"/hello/<str:name>/": 40}
 
 
 # ----------------------------------------------------------------------------- in process
