@@ -424,8 +424,13 @@ class Flusher:
         target = self.batcher.put_total
         self._force_until = max(self._force_until, target)
         self.batcher.wakeup.set()
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wait_flushed(target), timeout)
+        # Bounded even for flush(None): by close_timeout, as a close would be.
+        settle = self.config.close_timeout if end is None else end - loop.time()
+        await self.link.settle(settle)
         return self._result_since(before)
 
     async def _wait_flushed(self, target: int) -> None:
@@ -478,6 +483,14 @@ class Flusher:
                 "client closed; %d signal(s) could not be sent or spooled: %s",
                 result.dropped_total,
                 ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items())),
+            )
+        spool_dropped = self.accounting.spool_dropped
+        if spool_dropped:
+            # The per-reason warnings are rate-limited: say the whole count once at the end.
+            log.warning(
+                "client closed; %d spooled signal(s) were given up in the spool while it ran: %s",
+                sum(spool_dropped.values()),
+                ", ".join(f"{n} {reason}" for reason, n in sorted(spool_dropped.items())),
             )
         await self.transport.close()
         return result

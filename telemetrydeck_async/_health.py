@@ -40,7 +40,7 @@ PAUSING_STATUSES = frozenset({429, 503})
 def describe_wait(seconds: float) -> str:
     """A wait for people: ``"40 ms"`` below a second (never ``"0.0 s"``), else ``"2.5 s"``."""
     if seconds < 0.0005:
-        return "no wait"
+        return "under 1 ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     return f"{seconds:.1f} s"

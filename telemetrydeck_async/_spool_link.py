@@ -489,6 +489,16 @@ class SpoolLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (bounded) for the spool writes and acks already started.
+
+        ``flush()`` ends with it: a process frozen or killed right after (AWS Lambda, a job
+        ending with ``os._exit``) must not find delivered records still on disk at its next
+        start, or they are sent again.
+        """
+        if self._background and timeout > 0:
+            await asyncio.wait(list(self._background), timeout=timeout)
+
     async def close(self, end: float) -> None:
         """At close, by loop time ``end``: finish background writes, drop what the disk could
         not take in time, read the last figures and close the spool."""

@@ -400,3 +400,30 @@ async def test_unusable_spool_dir_degrades_to_memory_only(
     assert td.stats.spooled == 0
     assert "spool" in caplog.text
     assert emulator.distinct_ids() == set(range(20))
+
+
+async def test_flush_returns_once_delivered_records_are_off_the_disk(
+    tmp_path: Path, emulator: IngestEmulator
+) -> None:
+    """durability="always": after flush() the delivered records are acked, none left to resend.
+
+    A Lambda-style process may be frozen or killed right after flush(); a record still on disk
+    then would be sent again by the next start.
+    """
+    td = spool_client(emulator.base_url, tmp_path, durability="always", flush_interval=60.0)
+    await td.start()
+    try:
+        await send_numbered(td, range(40))
+        result = await td.flush(timeout=30)
+        assert result.pending == 0
+        assert td.stats.sent == 40
+        reader = await open_spool(tmp_path)
+        try:
+            status = await reader.status()
+        finally:
+            await reader.close()
+        assert status.error is None
+        assert status.records == 0, "delivered records were still on disk when flush() returned"
+    finally:
+        await td.aclose(timeout=10)
+    assert emulator.distinct_ids() == set(range(40))
