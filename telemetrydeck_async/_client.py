@@ -1,7 +1,9 @@
 """The facade users touch: :class:`TelemetryClient`.
 
 It validates a call, builds a :class:`~._signal.Signal` and puts it in the batcher; everything
-after that belongs to the flusher. ``signal()`` does no I/O and creates no task or future.
+after that belongs to the flusher. ``signal()`` does no network I/O and creates no task or
+future; its only file I/O is once per client, when the first signal that names no user reads
+the default-user file (and, on an installation's first run, creates it).
 The TelemetryDeck presets (``error()``, ``duration()``...) live in ``_presets.py``; they reach
 the same path through ``_emit()``, the one door for reserved ``TelemetryDeck.`` names.
 """
@@ -47,6 +49,7 @@ from ._signal import (
     SharedPayload,
     Signal,
     UserHasher,
+    check_optional_text,
     check_utf8,
     encode_signal,
     new_signal,
@@ -466,8 +469,7 @@ class TelemetryClient(Presets):
         """
         if session_id is None:
             session_id = str(uuid.uuid4())
-        elif type(session_id) is not str or not session_id:
-            raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        check_optional_text("session_id", session_id, exact=True)
         await self._emit(
             SESSION_STARTED, {}, client_user=client_user, session_id=session_id, test_mode=test_mode
         )
@@ -832,8 +834,10 @@ class TelemetryClient(Presets):
         """Queue one signal of type ``signal_type`` (e.g. ``"Checkout.Payment.completed"``).
 
         Validates at once and raises :class:`InvalidSignalError` (nothing queued) for a bad
-        argument; otherwise returns without network I/O. When the queue is full and the
-        endpoint is healthy, waits briefly for room (backpressure) before spooling or dropping.
+        argument; otherwise returns without network I/O (the first signal without
+        ``client_user`` reads, or creates, the default-user file once). When the queue is full
+        and the endpoint is healthy, waits briefly for room (backpressure) before spooling or
+        dropping.
 
         Args:
             signal_type: ``Scope.SubScope.lowerCamel`` style type name.
