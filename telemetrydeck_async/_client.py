@@ -82,6 +82,9 @@ _SPOOL_OPEN_WAIT: Final = 5.0
 #: The own payload of a signal sent without one (shared: signals never mutate their payload).
 _NO_PAYLOAD: Final[Mapping[str, PayloadValue]] = MappingProxyType({})
 
+#: What a closed client answers every call that would queue a signal.
+_CLOSED: Final = "this TelemetryClient is closed; create a new one"
+
 #: The kinds of call ``_gate`` admits: ``await signal()``, ``signal_nowait()`` (on the loop's
 #: thread), ``signal_threadsafe()`` (any thread, a started client).
 _Call = Literal["await", "nowait", "threadsafe"]
@@ -381,7 +384,7 @@ class TelemetryClient(Presets):
 
     def _bind_loop(self) -> None:
         if self._closed:
-            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+            raise ClientClosedError(_CLOSED)
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -918,7 +921,7 @@ class TelemetryClient(Presets):
             return False
         if call == "threadsafe":
             if self._closed:
-                raise ClientClosedError("this TelemetryClient is closed; create a new one")
+                raise ClientClosedError(_CLOSED)
             if self._loop is None:
                 raise WrongEventLoopError(
                     "signal_threadsafe() needs a started client: enter 'async with "
@@ -960,7 +963,7 @@ class TelemetryClient(Presets):
         # A disabled client checks the call like an enabled one (so tests run with telemetry
         # off still catch bad calls) and then drops it: nothing is queued or counted.
         if self._closed:
-            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+            raise ClientClosedError(_CLOSED)
         self._build(signal_type, client_user, session_id, payload, float_value, test_mode, params)
 
     def signal_nowait(
