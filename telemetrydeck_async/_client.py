@@ -1,7 +1,9 @@
 """The facade users touch: :class:`TelemetryClient`.
 
 It validates a call, builds a :class:`~._signal.Signal` and puts it in the batcher; everything
-after that belongs to the flusher. ``signal()`` does no I/O and creates no task or future.
+after that belongs to the flusher. ``signal()`` does no network I/O and creates no task or
+future; its only file I/O is once per client, when the first signal that names no user reads
+the default-user file (and, on an installation's first run, creates it).
 The TelemetryDeck presets (``error()``, ``duration()``...) live in ``_presets.py``; they reach
 the same path through ``_emit()``, the one door for reserved ``TelemetryDeck.`` names.
 """
@@ -22,7 +24,7 @@ import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 from . import _lifecycle
 from ._batcher import Batcher, batch_budget
@@ -47,6 +49,7 @@ from ._signal import (
     SharedPayload,
     Signal,
     UserHasher,
+    check_optional_text,
     check_utf8,
     encode_signal,
     new_signal,
@@ -78,6 +81,13 @@ _DISABLED_USER: Final = "telemetrydeck-async-disabled"
 _SPOOL_OPEN_WAIT: Final = 5.0
 #: The own payload of a signal sent without one (shared: signals never mutate their payload).
 _NO_PAYLOAD: Final[Mapping[str, PayloadValue]] = MappingProxyType({})
+
+#: What a closed client answers every call that would queue a signal.
+_CLOSED: Final = "this TelemetryClient is closed; create a new one"
+
+#: The kinds of call ``_gate`` admits: ``await signal()``, ``signal_nowait()`` (on the loop's
+#: thread), ``signal_threadsafe()`` (any thread, a started client).
+_Call = Literal["await", "nowait", "threadsafe"]
 
 _C = TypeVar("_C", bound="TelemetryClient")
 _P = ParamSpec("_P")
@@ -374,7 +384,7 @@ class TelemetryClient(Presets):
 
     def _bind_loop(self) -> None:
         if self._closed:
-            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+            raise ClientClosedError(_CLOSED)
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -462,8 +472,7 @@ class TelemetryClient(Presets):
         """
         if session_id is None:
             session_id = str(uuid.uuid4())
-        elif type(session_id) is not str or not session_id:
-            raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        check_optional_text("session_id", session_id, exact=True)
         await self._emit(
             SESSION_STARTED, {}, client_user=client_user, session_id=session_id, test_mode=test_mode
         )
@@ -829,8 +838,10 @@ class TelemetryClient(Presets):
         """Queue one signal of type ``signal_type`` (e.g. ``"Checkout.Payment.completed"``).
 
         Validates at once and raises :class:`InvalidSignalError` (nothing queued) for a bad
-        argument; otherwise returns without network I/O. When the queue is full and the
-        endpoint is healthy, waits briefly for room (backpressure) before spooling or dropping.
+        argument; otherwise returns without network I/O (the first signal without
+        ``client_user`` reads, or creates, the default-user file once). When the queue is full
+        and the endpoint is healthy, waits briefly for room (backpressure) before spooling or
+        dropping.
 
         Args:
             signal_type: ``Scope.SubScope.lowerCamel`` style type name.
@@ -862,13 +873,14 @@ class TelemetryClient(Presets):
         params: dict[str, PayloadValue] | None = None,
     ) -> Signal | None:
         """The checks of an awaiting call on the loop: the signal, or None (disabled client)."""
-        if self._loop is not asyncio.get_running_loop() or self._closed:
-            if not self._enabled:
-                self._validate_disabled(
-                    signal_type, client_user, session_id, payload, float_value, test_mode, params
-                )
-                return None
-            self._bind_loop()
+        # The common case (bound to this loop, open) costs one comparison; the rest is _gate's.
+        if (self._loop is not asyncio.get_running_loop() or self._closed) and not self._gate(
+            "await"
+        ):
+            self._validate_disabled(
+                signal_type, client_user, session_id, payload, float_value, test_mode, params
+            )
+            return None
         return self._build(
             signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
@@ -888,7 +900,7 @@ class TelemetryClient(Presets):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if (loop is None or loop is not self._loop or self._closed) and not self._nowait_ready():
+        if (loop is None or loop is not self._loop or self._closed) and not self._gate("nowait"):
             self._validate_disabled(
                 signal_type, client_user, session_id, payload, float_value, test_mode, params
             )
@@ -896,6 +908,38 @@ class TelemetryClient(Presets):
         return self._build(
             signal_type, client_user, session_id, payload, float_value, test_mode, params
         )
+
+    def _gate(self, call: _Call) -> bool:
+        """The one place a call is let in when it is off the common path.
+
+        True: build and queue (bound to the running loop when ``call`` runs on one). False:
+        a disabled client; the caller checks the arguments with ``_validate_disabled`` (which
+        refuses a closed client) and queues nothing. Raises ``ClientClosedError`` for a closed
+        client and ``WrongEventLoopError`` for the wrong (or no) loop, in the order each kind
+        of call has always checked them: a synchronous call off any loop is told so first.
+        """
+        if not self._enabled:
+            return False
+        if call == "threadsafe":
+            if self._closed:
+                raise ClientClosedError(_CLOSED)
+            if self._loop is None:
+                raise WrongEventLoopError(
+                    "signal_threadsafe() needs a started client: enter 'async with "
+                    "TelemetryClient(...)' or 'await client.start()' on the loop that owns it "
+                    "first"
+                )
+            return True
+        if call == "nowait":
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise WrongEventLoopError(
+                    "signal_nowait() must be called from the client's event loop thread; "
+                    "from other threads use signal_threadsafe()"
+                ) from None
+        self._bind_loop()
+        return True
 
     async def _wait_for_room(self) -> None:
         if self._flusher.healthy:
@@ -920,7 +964,7 @@ class TelemetryClient(Presets):
         # A disabled client checks the call like an enabled one (so tests run with telemetry
         # off still catch bad calls) and then drops it: nothing is queued or counted.
         if self._closed:
-            raise ClientClosedError("this TelemetryClient is closed; create a new one")
+            raise ClientClosedError(_CLOSED)
         self._build(signal_type, client_user, session_id, payload, float_value, test_mode, params)
 
     def signal_nowait(
@@ -952,17 +996,7 @@ class TelemetryClient(Presets):
         Raises ``WrongEventLoopError`` off the loop thread and ``ClientClosedError`` when
         closed, so a ``with td.duration(...)`` fails before its block runs.
         """
-        if not self._enabled:
-            return False
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise WrongEventLoopError(
-                "signal_nowait() must be called from the client's event loop thread; "
-                "from other threads use signal_threadsafe()"
-            ) from None
-        self._bind_loop()
-        return True
+        return self._gate("nowait")
 
     def signal_threadsafe(
         self,
@@ -984,19 +1018,11 @@ class TelemetryClient(Presets):
         ``ClientClosedError``. A signal that reaches the loop after ``aclose()`` began is
         counted as dropped (reason ``shutdown``), never left pending.
         """
-        if not self._enabled:
+        if not self._gate("threadsafe"):
             self._validate_disabled(
                 signal_type, client_user, session_id, payload, float_value, test_mode
             )
             return
-        if self._closed:
-            raise ClientClosedError("this TelemetryClient is closed; create a new one")
-        loop = self._loop
-        if loop is None:
-            raise WrongEventLoopError(
-                "signal_threadsafe() needs a started client: enter 'async with "
-                "TelemetryClient(...)' or 'await client.start()' on the loop that owns it first"
-            )
         signal = self._build(signal_type, client_user, session_id, payload, float_value, test_mode)
         if signal is not None:
             self._enqueue_anywhere(signal)

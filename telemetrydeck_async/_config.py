@@ -19,7 +19,13 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._retry import RetryPolicy
-from ._signal import SDK_KEY_PREFIX, PayloadValue, lone_surrogate, normalize_payload
+from ._signal import (
+    SDK_KEY_PREFIX,
+    PayloadValue,
+    check_optional_text,
+    lone_surrogate,
+    normalize_payload,
+)
 from .exceptions import ConfigurationError, InvalidSignalError
 
 __all__ = [
@@ -226,8 +232,7 @@ def _check_durability(_inst: object, _attr: object, value: str) -> None:
 
 
 def _check_optional_str(_inst: object, attr: attrs.Attribute[str | None], value: object) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigurationError(attr.name, "must be a non-empty str or None")
+    check_optional_text(attr.name, value, ConfigurationError)
 
 
 def _check_prefix(_inst: object, attr: attrs.Attribute[str | None], value: object) -> None:

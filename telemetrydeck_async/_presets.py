@@ -29,6 +29,7 @@ from typing import Any, Final, Literal, ParamSpec, TypeVar, overload
 
 from ._signal import (
     PayloadValue,
+    check_optional_text,
     check_utf8,
     normalize_payload,
     validate_float_value,
@@ -114,10 +115,8 @@ def _amount(field: str, value: object) -> float:
 
 def _check_common(client_user: object, session_id: object, test_mode: object) -> None:
     """The checks ``signal()`` makes on these arguments, made early (before a timed block)."""
-    if client_user is not None and (not isinstance(client_user, str) or not client_user):
-        raise InvalidSignalError("client_user", "must be a non-empty str or None")
-    if session_id is not None and (type(session_id) is not str or not session_id):
-        raise InvalidSignalError("session_id", "must be a non-empty str or None")
+    check_optional_text("client_user", client_user)
+    check_optional_text("session_id", session_id, exact=True)
     if test_mode is not None and type(test_mode) is not bool:
         raise InvalidSignalError("test_mode", "must be a bool or None")
 

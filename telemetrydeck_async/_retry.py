@@ -14,7 +14,7 @@ from typing import TypeVar
 import attrs
 import tenacity as _t
 
-from .exceptions import DeliveryError
+from .exceptions import ConfigurationError, DeliveryError
 
 __all__ = ["RetryPolicy", "retry_call"]
 
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
-        raise ValueError(f"RetryPolicy.{attr.name} must be > 0, got {value!r}")
+        raise ConfigurationError(f"RetryPolicy.{attr.name}", f"must be > 0, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)

@@ -103,6 +103,27 @@ def lone_surrogate(text: str) -> str | None:
     return None
 
 
+#: The one wording for an optional text argument or option that is empty or not a str.
+NOT_OPTIONAL_TEXT: Final = "must be a non-empty str or None"
+
+
+def check_optional_text(
+    field: str,
+    value: object,
+    error: Callable[[str, str], Exception] = InvalidSignalError,
+    *,
+    exact: bool = False,
+) -> None:
+    """Raise ``error(field, reason)`` unless ``value`` is None or a non-empty str.
+
+    ``exact``: a str subclass is refused too (where the value is written as is, e.g. a
+    session id). ``error``: ``ConfigurationError`` for an option.
+    """
+    if value is None or ((type(value) is str if exact else isinstance(value, str)) and value):
+        return
+    raise error(field, NOT_OPTIONAL_TEXT)
+
+
 def check_utf8(field: str, text: str) -> None:
     """Raise ``InvalidSignalError`` for ``field`` if ``text`` holds a lone surrogate."""
     bad = lone_surrogate(text)

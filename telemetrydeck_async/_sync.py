@@ -52,9 +52,9 @@ from ._config import (
 )
 from ._presets import SESSION_STARTED, Duration, Presets
 from ._retry import RetryPolicy
-from ._signal import PayloadValue, Signal
+from ._signal import PayloadValue, Signal, check_optional_text
 from ._stats import FlushResult, Stats
-from .exceptions import ClientClosedError, InvalidSignalError, WrongEventLoopError
+from .exceptions import ClientClosedError, WrongEventLoopError
 
 __all__ = ["SyncTelemetryClient"]
 
@@ -472,8 +472,7 @@ class SyncTelemetryClient:
         """
         if session_id is None:
             session_id = str(uuid.uuid4())
-        elif type(session_id) is not str or not session_id:
-            raise InvalidSignalError("session_id", "must be a non-empty str or None")
+        check_optional_text("session_id", session_id, exact=True)
         self._hand_over(SESSION_STARTED, client_user, session_id, None, None, test_mode, {})
         self._client._session_id = session_id
         return session_id

@@ -12,6 +12,7 @@ import pytest
 
 from telemetrydeck_async import (
     ClientClosedError,
+    InvalidSignalError,
     TelemetryClient,
     WrongEventLoopError,
 )
@@ -185,6 +186,58 @@ async def test_signal_after_aclose_raises_client_closed(make_client: ClientFacto
         await td.signal("App.tick")
     with pytest.raises(ClientClosedError):
         td.signal_nowait("App.tick")
+
+
+#: What each kind of call meets, per client state: the exception's class, or None (let in).
+#: Calls: ``await signal()``, ``signal_nowait()`` on the loop and in a thread with no loop,
+#: ``signal_threadsafe()`` from a thread. The order of the checks shows in the "bad" rows:
+#: a call that cannot run where it is made is told so before its arguments are looked at.
+GATE_TABLE: dict[tuple[bool, str, bool], tuple[str | None, str | None, str | None, str | None]] = {
+    # (enabled, state, bad arguments): (await, nowait, nowait off any loop, threadsafe)
+    (True, "new", False): (None, None, "WrongEventLoopError", "WrongEventLoopError"),
+    (True, "new", True): (
+        "InvalidSignalError",
+        "InvalidSignalError",
+        "WrongEventLoopError",
+        "WrongEventLoopError",
+    ),
+    (True, "closed", False): (
+        "ClientClosedError",
+        "ClientClosedError",
+        "WrongEventLoopError",
+        "ClientClosedError",
+    ),
+    (False, "new", False): (None, None, None, None),
+    (False, "new", True): ("InvalidSignalError",) * 4,
+    (False, "closed", False): ("ClientClosedError",) * 4,
+}
+
+
+@pytest.mark.parametrize(("enabled", "state", "bad"), list(GATE_TABLE))
+async def test_each_kind_of_call_is_let_in_or_refused_by_state(
+    make_client: ClientFactory, enabled: bool, state: str, bad: bool
+) -> None:
+    """Closed, disabled, unbound: each kind of call gets the same answer it always got."""
+    signal_type = "" if bad else "App.tick"
+
+    async def attempt(kind: int) -> str | None:
+        td = make_client(enabled=enabled)
+        if state == "closed":
+            await td.aclose()
+        try:
+            if kind == 0:
+                await td.signal(signal_type)
+            elif kind == 1:
+                td.signal_nowait(signal_type)
+            elif kind == 2:
+                await asyncio.to_thread(td.signal_nowait, signal_type)
+            else:
+                await asyncio.to_thread(td.signal_threadsafe, signal_type)
+        except (ClientClosedError, WrongEventLoopError, InvalidSignalError) as exc:
+            return type(exc).__name__
+        return None
+
+    assert tuple([await attempt(kind) for kind in range(4)]) == GATE_TABLE[enabled, state, bad]
 
 
 async def test_async_with_closes_the_client(emulator: IngestEmulator) -> None:

@@ -8,9 +8,11 @@ import inspect
 import pkgutil
 from types import ModuleType
 
+import attrs
 import pytest
 
 import telemetrydeck_async
+from telemetrydeck_async._config import ClientConfig
 from telemetrydeck_async.devserver import IngestEmulator
 
 from . import typing_api
@@ -104,3 +106,47 @@ async def test_typed_usage_file_runs_against_the_emulator(emulator: IngestEmulat
     """The usage file mypy checks (``tests/typing_api.py``) is also correct at run time."""
     sent = await typing_api.main(emulator.base_url)
     assert sent == len(emulator.signals) > 0
+
+
+#: Where a facade's signature deliberately differs from ``ClientConfig``'s field: the facade
+#: takes more (None for a factory default, a path the converter turns into a str or a context).
+#: Each entry is (the facade's default, the facade's annotation); anything else must agree.
+WIDENED_AT_THE_FACADE: dict[str, tuple[object, str]] = {
+    "default_payload": (None, "Mapping[str, Any] | None"),
+    "retry": (None, "RetryPolicy | None"),
+    "default_user_file": (None, "str | os.PathLike[str] | None"),
+    "ssl": (None, "str | os.PathLike[str] | _ssl.SSLContext | None"),
+}
+
+
+@pytest.mark.parametrize(
+    "facade",
+    [telemetrydeck_async.TelemetryClient, telemetrydeck_async.SyncTelemetryClient],
+    ids=lambda cls: cls.__name__,
+)
+def test_facade_options_agree_with_client_config(facade: type) -> None:
+    """Both constructors list ClientConfig's options: same order, defaults and annotations.
+
+    The constructors keep explicit typed signatures (IDE help, mypy); ClientConfig is the one
+    source they must agree with. Also end to end: a facade built with every default holds a
+    config equal to ``ClientConfig``'s own defaults.
+    """
+    params = inspect.signature(facade.__init__).parameters
+    fields = attrs.fields(ClientConfig)
+    assert [name for name in params if name != "self"] == [field.name for field in fields]
+    for field in fields:
+        param = params[field.name]
+        if field.default is attrs.NOTHING:
+            assert param.default is inspect.Parameter.empty, field.name
+            assert param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, field.name
+        else:
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY, field.name
+        wanted = WIDENED_AT_THE_FACADE.get(field.name)
+        if wanted is None:
+            if field.default is not attrs.NOTHING:
+                assert param.default == field.default, field.name
+            assert param.annotation == field.type, field.name
+        else:
+            assert (param.default, param.annotation) == wanted, field.name
+    # Built, never started: no loop, thread, file or socket to clean up.
+    assert facade("app").config == ClientConfig(app_id="app")

@@ -7,7 +7,6 @@ on the client the way a Django view or a script does.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import threading
 from collections.abc import Iterator
@@ -54,17 +53,6 @@ def make_sync(threaded_emulator: ThreadedEmulator) -> Iterator[Any]:
     yield factory
     for client in clients:
         client.close(timeout=5)
-
-
-def test_the_constructor_mirrors_telemetry_client_names_defaults_and_annotations() -> None:
-    """Every TelemetryClient option exists on SyncTelemetryClient, same default and type."""
-    ours = inspect.signature(SyncTelemetryClient.__init__).parameters
-    theirs = inspect.signature(TelemetryClient.__init__).parameters
-    assert list(ours) == list(theirs)
-    for name, param in theirs.items():
-        assert ours[name].default == param.default, name
-        assert ours[name].annotation == param.annotation, name
-        assert ours[name].kind == param.kind, name
 
 
 def test_eight_threads_hammering_one_client_deliver_every_signal_once(

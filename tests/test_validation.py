@@ -13,6 +13,7 @@ import pytest
 from telemetrydeck_async import (
     ConfigurationError,
     InvalidSignalError,
+    RetryPolicy,
     TelemetryClient,
     TelemetryDeckError,
 )
@@ -164,6 +165,21 @@ def test_bad_option_raises_at_construction(kwargs: dict[str, Any], option: str) 
     with pytest.raises(ConfigurationError) as info:
         TelemetryClient(app_id, **options)
     assert info.value.option == option
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "field", ["initial_backoff", "max_backoff", "deadline", "auth_probe_interval"]
+)
+@pytest.mark.parametrize("value", [0, -1.5, math.nan])
+def test_bad_retry_policy_raises_configuration_error_naming_the_field(
+    field: str, value: float
+) -> None:
+    """RetryPolicy refuses a value that is not > 0 like any option: named, still a ValueError."""
+    with pytest.raises(ConfigurationError) as info:
+        RetryPolicy(**{field: value})
+    assert info.value.option == f"RetryPolicy.{field}"
+    assert info.value.reason == f"must be > 0, got {value!r}"
     assert isinstance(info.value, ValueError)
 
 
