@@ -78,7 +78,14 @@ def check_base_url(value: str) -> str:
     """
     if not isinstance(value, str) or not value:
         raise ConfigurationError("base_url", "must be a non-empty URL string")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- parsed lazily: a bad port raises here, not later
+    except ValueError as exc:
+        raise ConfigurationError(
+            "base_url",
+            f"is not a valid URL ({exc}): got {value!r}; use e.g. 'https://nom.telemetrydeck.com'",
+        ) from None
     host = parts.hostname or ""
     if parts.scheme == "https" and host:
         pass

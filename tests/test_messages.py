@@ -158,3 +158,13 @@ def test_troubleshooting_explains_every_drop_reason() -> None:
         pytest.skip("no docs/ (an sdist without them)")
     rows = re.findall(r"^\| `(\w+)` \|", page.read_text("utf-8"), re.MULTILINE)
     assert sorted(rows) == sorted(DROP_REASONS)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "https://example.com:port", "https://h:99999"])
+def test_a_malformed_base_url_names_the_option_and_an_example(url: str) -> None:
+    """A URL that cannot be parsed is a ConfigurationError like any other bad base_url."""
+    with pytest.raises(ConfigurationError) as caught:
+        TelemetryClient("app", base_url=url)
+    assert caught.value.option == "base_url"
+    assert "is not a valid URL" in str(caught.value)
+    assert "https://nom.telemetrydeck.com" in str(caught.value)
