@@ -268,7 +268,8 @@ async def test_retry_deadline_drops_with_retries_exhausted(
 ) -> None:
     """Past the retry deadline, without a spool, the batch is dropped as retries_exhausted."""
     emulator.faults.status_always = 500
-    td = make_client(retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.02, deadline=0.3))
+    # A deadline far above one attempt's time, so a slow machine still gets its retries in.
+    td = make_client(retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.02, deadline=2.0))
     await send_numbered(td, 30)
     result = await td.flush()
     assert result.dropped == {"retries_exhausted": 30}

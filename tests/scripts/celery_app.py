@@ -53,9 +53,8 @@ def _books(**_: object) -> None:
     # Connected after connect(): Celery calls receivers in order, so this runs after the close.
     s = td.stats
     dropped = sum(s.dropped.values())
-    print(
-        f"BOOKS {os.getpid()} {s.enqueued} {s.sent} {s.spooled} {dropped} {s.pending}", flush=True
-    )
+    line = f"BOOKS {os.getpid()} {s.enqueued} {s.sent} {s.spooled} {dropped} {s.pending}\n"
+    os.write(1, line.encode())  # one write: worker processes share the pipe
 
 
 signals.worker_process_shutdown.connect(_books, weak=False)

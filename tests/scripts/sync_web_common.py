@@ -19,10 +19,10 @@ def _books() -> None:
     for td in clients:
         s = td.stats
         dropped = sum(s.dropped.values())
-        print(
-            f"BOOKS {os.getpid()} {s.enqueued} {s.sent} {s.spooled} {dropped} {s.pending}",
-            flush=True,
-        )
+        line = f"BOOKS {os.getpid()} {s.enqueued} {s.sent} {s.spooled} {dropped} {s.pending}\n"
+        # One write() of the whole line: the workers share the pipe, and print() may write the
+        # text and its newline separately, so two workers' lines could run together.
+        os.write(1, line.encode())
 
 
 atexit.register(_books)
