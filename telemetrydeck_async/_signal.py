@@ -26,7 +26,7 @@ from .exceptions import InvalidSignalError
 try:
     # The optional accelerator (``pip install 'telemetrydeck-async[fast]'``): a C JSON encoder
     # about ten times faster than the stdlib's on a payload. Used only where its output is
-    # byte for byte the stdlib's (tests/test_encoding.py checks it with hypothesis).
+    # byte for byte the stdlib's (tests/pipeline/test_encoding.py checks it with hypothesis).
     from orjson import dumps as _orjson_dumps
 except ImportError:  # pragma: no cover - exercised by the suite run without the extra
     _orjson_dumps = None  # type: ignore[assignment]  # the stdlib path is used

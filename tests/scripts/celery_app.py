@@ -1,4 +1,4 @@
-"""A Celery app on kombu's filesystem transport (no broker server), for tests/test_celery.py.
+"""A Celery app on kombu's filesystem transport (no broker server), for test_celery.py.
 
 ``python -m tests.scripts.celery_app send N`` queues N tasks; a worker (``celery -A
 tests.scripts.celery_app worker``) runs them, each sending ``Celery.Task.done`` with a unique

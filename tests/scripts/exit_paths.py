@@ -1,4 +1,4 @@
-"""One way for a process to end while TelemetryClients hold signals (tests/test_exit_paths.py).
+"""One way for a process to end while TelemetryClients hold signals (lifecycle/test_exit_paths.py).
 
 Usage: exit_paths.py BASE_URL NAMESPACE SPOOL_DIR ENDING MOMENT LOOP COUNT [late]
 

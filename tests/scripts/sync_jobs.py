@@ -1,4 +1,4 @@
-"""Short-lived programs using SyncTelemetryClient, run in real processes by tests/test_sync_jobs.py.
+"""Short-lived programs using SyncTelemetryClient, run in real processes by test_sync_jobs.py.
 
 argv: MODE BASE_URL [SPOOL_DIR|-]. Every mode prints ``BOOKS enqueued sent spooled dropped
 pending`` lines the test checks, and tags each signal with a unique ``Test.id``.
