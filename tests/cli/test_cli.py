@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 from telemetrydeck_async import RetryPolicy, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.conftest import sdk_parameters, sha256_hex
-
-
-async def run_cli(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    """Run ``python -m telemetrydeck_async ARGS`` and return (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "telemetrydeck_async",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.helpers import free_port, run_cli, sdk_parameters, sha256_hex
 
 
 async def test_demo_delivers_every_signal_and_exits_zero() -> None:
@@ -99,7 +81,7 @@ async def test_send_says_when_proxy_and_ssl_were_not_used(
     trustme.CA().cert_pem.write_to_path(str(ca_bundle))
     args = ("send", "Cli.used", "--app-id", "APP", "--base-url", emulator.base_url)
     code, out, err = await run_cli(
-        *args, "--proxy", f"http://127.0.0.1:{_free_port()}", "--ssl", str(ca_bundle)
+        *args, "--proxy", f"http://127.0.0.1:{free_port()}", "--ssl", str(ca_bundle)
     )
     assert code == 0, err
     assert "delivered" in out
@@ -120,16 +102,9 @@ async def test_send_with_invalid_arguments_exits_2() -> None:
     assert "type" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def _fill_spool(directory: Path, count: int, port: int | None = None) -> None:
     """Spool ``count`` signals by closing a client whose endpoint (on ``port``) is down."""
-    port = _free_port() if port is None else port
+    port = free_port() if port is None else port
     td = TelemetryClient(
         "APP",
         namespace="com.example",
@@ -163,7 +138,7 @@ async def test_spool_status_of_a_directory_without_a_spool_fails(tmp_path: Path)
 
 async def test_spool_drain_sends_everything_and_exits_zero(tmp_path: Path) -> None:
     """spool drain delivers every spooled signal and leaves the spool empty."""
-    port = _free_port()
+    port = free_port()
     await _fill_spool(tmp_path, 250, port)
     async with IngestEmulator(port=port) as emulator:
         code, out, err = await run_cli(
@@ -186,7 +161,7 @@ async def test_spool_drain_sends_everything_and_exits_zero(tmp_path: Path) -> No
 
 async def test_spool_drain_exits_nonzero_when_signals_are_left(tmp_path: Path) -> None:
     """With the endpoint down, drain gives up after its timeout and says what is left."""
-    port = _free_port()
+    port = free_port()
     await _fill_spool(tmp_path, 10, port)
     code, _out, err = await run_cli(
         "spool",

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import signal as signal_module
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from telemetrydeck_async.devserver import (
     devserver_main,
     run_devserver,
 )
+from tests.helpers import free_port
 
 USER = hashlib.sha256(b"user").hexdigest()
 NS_PATH = "/v2/namespace/com.example/"
@@ -68,14 +68,6 @@ async def post(
     """POST ``body`` as JSON and return (status, decoded JSON body, response)."""
     async with session.post(emu.base_url + path, json=body) as resp:
         return resp.status, await resp.json(), resp
-
-
-def free_port() -> int:
-    """Return a port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------- accepting

@@ -28,7 +28,7 @@ from telemetrydeck_async.exceptions import (
     RejectedError,
     RetryableStatusError,
 )
-from tests.conftest import FAST_RETRY, ClientFactory
+from tests.helpers import FAST_RETRY, ClientFactory
 
 #: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
 pytestmark = pytest.mark.core

@@ -25,8 +25,7 @@ from telemetrydeck_async import (
 from telemetrydeck_async._transport import resolve_proxy
 from telemetrydeck_async.devserver import IngestEmulator
 from tests._proxy import ForwardProxy
-from tests.cli.test_cli import run_cli
-from tests.conftest import FAST_RETRY
+from tests.helpers import FAST_RETRY, run_cli
 
 HOST = "ingest.test"
 #: Gives up after about a second: for the cases that are meant to fail.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ pytest.importorskip("celery")
 
 TASKS = 30
 BOUND = 90.0
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[_proc.Proc]]:
-    """Worker processes started by a test; any still running at the end is killed."""
-    started: list[_proc.Proc] = []
-    yield started
-    for proc in started:
-        await proc.kill()
 
 
 @pytest.mark.slow

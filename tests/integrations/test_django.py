@@ -19,13 +19,11 @@ import pytest
 from telemetrydeck_async import ConfigurationError, SyncTelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
-from tests.conftest import FAST_RETRY, ThreadedEmulator
+from tests.helpers import FAST_RETRY, ThreadedEmulator
 
-from .test_wsgi import BOUND, REQUEST_SIGNAL, _get_all, procs, serve_and_stop
+from .test_wsgi import BOUND, REQUEST_SIGNAL, _get_all, serve_and_stop
 
 django = pytest.importorskip("django")
-
-__all__ = ["procs"]  # the fixture, shared with tests/integrations/test_wsgi.py
 
 
 @pytest.mark.slow
@@ -242,7 +240,7 @@ def test_request_filter_and_user_settings_are_used(
     from django.test import Client
 
     from telemetrydeck_async.django import TelemetryMiddleware, get_telemetry
-    from tests.conftest import sha256_hex
+    from tests.helpers import sha256_hex
 
     monkeypatch.setattr(
         settings,

@@ -28,7 +28,7 @@ from telemetrydeck_async import aiohttp_web as td_aiohttp
 from telemetrydeck_async import starlette as td_starlette
 from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
-from tests.conftest import FAST_RETRY, sha256_hex
+from tests.helpers import FAST_RETRY, sha256_hex
 
 BOUND = 30.0
 REQUEST_SIGNAL = "HTTP.Request.completed"

@@ -15,7 +15,7 @@ from telemetrydeck_async.testing import (
     assert_no_signal_sent,
     assert_signal_sent,
 )
-from tests.conftest import ClientFactory, sdk_parameters, sha256_hex
+from tests.helpers import ClientFactory, sdk_parameters, sha256_hex
 
 
 @pytest.fixture

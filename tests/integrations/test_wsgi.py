@@ -12,7 +12,7 @@ import asyncio
 import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,10 @@ from telemetrydeck_async import SyncTelemetryClient, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
 from telemetrydeck_async.wsgi import TelemetryMiddleware, route_of
 from tests import _proc
-from tests.conftest import FAST_RETRY, ThreadedEmulator
+from tests.helpers import FAST_RETRY, ThreadedEmulator
 
 REQUEST_SIGNAL = "HTTP.Request.completed"
 BOUND = 90.0
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[_proc.Proc]]:
-    """Server processes started by a test; any still running at the end is killed."""
-    started: list[_proc.Proc] = []
-    yield started
-    for proc in started:
-        await proc.kill()
 
 
 def _no_control_socket() -> list[str]:

@@ -10,7 +10,6 @@ import json
 import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,15 +20,6 @@ from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
 
 REQUEST_SIGNAL = "HTTP.Request.completed"
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[_proc.Proc]]:
-    """Server processes started by a test; any still running at the end is killed."""
-    started: list[_proc.Proc] = []
-    yield started
-    for proc in started:
-        await proc.kill()
 
 
 def port_of(line: str) -> int:

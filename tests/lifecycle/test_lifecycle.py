@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import threading
 import weakref
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,10 @@ from telemetrydeck_async._lifecycle import track
 from telemetrydeck_async._spool import DB_NAME, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
-from tests.conftest import ClientFactory
+from tests.helpers import ClientFactory, balanced
 
 #: The outer bound of every wait for a close: far above any budget used here.
 BOUND = 30.0
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[_proc.Proc]]:
-    """Helper processes started by a test; any still running at the end is killed."""
-    started: list[_proc.Proc] = []
-    yield started
-    for proc in started:
-        await proc.kill()
 
 
 async def run_script(procs: list[_proc.Proc], *args: str) -> _proc.Proc:
@@ -70,12 +60,6 @@ def run_on_a_loop_that_ends(td: TelemetryClient, count: int) -> None:
     thread.join(BOUND)
 
 
-def accounted(td: TelemetryClient) -> bool:
-    """The accounting invariant: every accepted signal is in exactly one bucket."""
-    s = td.stats
-    return s.enqueued == s.sent + s.spooled + s.dropped_total + s.pending
-
-
 # ----------------------------------------------------------------------------- aclose()
 
 
@@ -94,7 +78,7 @@ async def test_aclose_returns_and_drops_with_reason_shutdown_when_the_server_nev
         {"shutdown": 10},
         0,
     )
-    assert accounted(td)
+    assert balanced(td.stats)
 
 
 async def test_aclose_accounts_in_flight_and_queued_signals_on_a_stalled_server(
@@ -110,7 +94,7 @@ async def test_aclose_accounts_in_flight_and_queued_signals_on_a_stalled_server(
     result = await asyncio.wait_for(td.aclose(timeout=0.5), BOUND)
     assert dict(result.dropped) == {"shutdown": 15}
     assert td.stats.pending == 0
-    assert accounted(td)
+    assert balanced(td.stats)
 
 
 async def test_concurrent_aclose_calls_share_one_close(
@@ -140,7 +124,7 @@ async def test_a_cancelled_aclose_does_not_hang_the_next_one(
     waiter.cancel()
     result = await asyncio.wait_for(td.aclose(), BOUND)
     assert dict(result.dropped) == {"shutdown": 4}
-    assert accounted(td)
+    assert balanced(td.stats)
 
 
 async def test_aclose_on_a_new_loop_after_the_old_one_ended_drops_what_was_left(
@@ -405,7 +389,7 @@ async def test_exit_salvage_counts_what_the_spool_could_not_take(
     result = await asyncio.wait_for(td.aclose(), BOUND)
     assert dict(result.dropped) == {"spool_error": 3}
     assert "dropped 3 signal(s), reason spool_error" in caplog.text
-    assert accounted(td)
+    assert balanced(td.stats)
 
 
 async def test_exit_hook_forgets_unclosed_clients_with_nothing_left_to_save(

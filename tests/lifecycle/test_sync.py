@@ -19,19 +19,12 @@ from telemetrydeck_async import (
     ConfigurationError,
     InvalidSignalError,
     RetryPolicy,
-    Stats,
     SyncTelemetryClient,
     TelemetryClient,
 )
-from tests.conftest import FAST_RETRY, ThreadedEmulator
+from tests.helpers import FAST_RETRY, ThreadedEmulator, balanced
 
 BOUND = 60.0
-
-
-def balanced(stats: Stats) -> bool:
-    return (
-        stats.enqueued == stats.sent + stats.spooled + sum(stats.dropped.values()) + stats.pending
-    )
 
 
 @pytest.fixture

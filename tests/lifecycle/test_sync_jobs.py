@@ -14,7 +14,7 @@ from pathlib import Path
 
 from telemetrydeck_async import SyncTelemetryClient
 from tests import _proc
-from tests.conftest import FAST_RETRY, ThreadedEmulator
+from tests.helpers import FAST_RETRY, ThreadedEmulator
 
 SCRIPT = str(_proc.SCRIPTS / "sync_jobs.py")
 BOUND = 90.0

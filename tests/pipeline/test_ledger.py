@@ -18,7 +18,7 @@ from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._stats import Accounting
 from telemetrydeck_async.devserver import IngestEmulator
 from telemetrydeck_async.testing import RecordingClient
-from tests.conftest import balanced
+from tests.helpers import balanced
 
 BOUND = 30.0
 

@@ -10,8 +10,7 @@ import pytest
 
 from telemetrydeck_async import ConfigurationError, InvalidSignalError, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.cli.test_cli import run_cli
-from tests.conftest import ClientFactory
+from tests.helpers import ClientFactory, run_cli
 
 
 @pytest.mark.parametrize(

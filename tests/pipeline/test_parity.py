@@ -18,7 +18,7 @@ import pytest
 from telemetrydeck_async import ConfigurationError, InvalidSignalError, TelemetryClient
 from telemetrydeck_async._identity import default_user_path, load_or_create_default_user
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.conftest import ClientFactory, sdk_parameters, sha256_hex
+from tests.helpers import ClientFactory, sdk_parameters, sha256_hex
 
 # ----------------------------------------------------------------------------- SDK parameters
 

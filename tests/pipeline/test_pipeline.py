@@ -19,7 +19,7 @@ from telemetrydeck_async import (
 from telemetrydeck_async._batcher import Batch, Batcher
 from telemetrydeck_async._transport import USER_AGENT
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.conftest import ClientFactory, sdk_parameters, sha256_hex
+from tests.helpers import ClientFactory, sdk_parameters, sha256_hex
 
 #: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
 pytestmark = pytest.mark.core

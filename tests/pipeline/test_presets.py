@@ -17,7 +17,7 @@ from telemetrydeck_async import (
 )
 from telemetrydeck_async.devserver import IngestEmulator
 from telemetrydeck_async.testing import RecordingClient
-from tests.conftest import ClientFactory, sdk_parameters, sha256_hex
+from tests.helpers import ClientFactory, sdk_parameters, sha256_hex
 
 SESSION = "session-1"
 DURATION = re.compile(r"^\d+\.\d{3}$")

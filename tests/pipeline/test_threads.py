@@ -15,7 +15,7 @@ from telemetrydeck_async import (
     WrongEventLoopError,
 )
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.conftest import ClientFactory
+from tests.helpers import ClientFactory
 
 BOUND = 30.0
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,33 +14,7 @@ from telemetrydeck_async import RetryPolicy, TelemetryClient
 from telemetrydeck_async._spool import open_spool
 from telemetrydeck_async._spool_link import AWAITED_OVERFLOW, OVERFLOW_BYTES
 from telemetrydeck_async.devserver import IngestEmulator
-from tests import _proc
-from tests.conftest import FAST_RETRY
-
-SHORT_DEADLINE = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, deadline=0.3)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (an endpoint that is down)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def spool_client(
-    base_url: str, spool_dir: Path, app_id: str = "spool-app", **options: object
-) -> TelemetryClient:
-    """A client with a spool and fast timings, aimed at ``base_url``."""
-    settings: dict[str, object] = {
-        "namespace": "com.example",
-        "default_user": "spool-user",
-        "retry": FAST_RETRY,
-        "flush_interval": 0.05,
-        "spool_dir": str(spool_dir),
-    }
-    settings.update(options)
-    return TelemetryClient(app_id, base_url=base_url, **settings)  # type: ignore[arg-type]
+from tests.helpers import SHORT_DEADLINE, free_port, spool_client, start_producer
 
 
 async def send_numbered(td: TelemetryClient, ids: range) -> None:
@@ -279,28 +252,6 @@ async def test_stats_report_spool_figures(tmp_path: Path) -> None:
     assert stats.spool_bytes > 10 * 100
     plain = TelemetryClient("app", default_user="u")
     assert plain.stats.spool_records is None
-
-
-async def start_producer(
-    port: int,
-    spool_dir: Path,
-    durability: str,
-    count: int,
-    workers: int,
-    queue: int,
-    pace: float = 0.0,
-) -> _proc.Proc:
-    """Start ``tests/scripts/spool_producer.py`` (app "crash-app") against a port on loopback."""
-    return await _proc.start(
-        str(_proc.SCRIPTS / "spool_producer.py"),
-        f"http://127.0.0.1:{port}",
-        str(spool_dir),
-        durability,
-        str(count),
-        str(workers),
-        str(queue),
-        str(pace),
-    )
 
 
 def _acknowledged(lines: list[str]) -> set[int]:

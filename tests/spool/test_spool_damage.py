@@ -27,8 +27,7 @@ from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import Destination, SpoolRecord, _salvage, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
-
-from .test_spool_client import SHORT_DEADLINE, free_port, spool_client, start_producer
+from tests.helpers import SHORT_DEADLINE, free_port, spool_client, start_producer
 
 LOGGER = "telemetrydeck_async"
 PAGE = 4096

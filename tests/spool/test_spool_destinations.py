@@ -18,9 +18,7 @@ from pathlib import Path
 from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import Destination, DestinationInfo, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.cli.test_cli import run_cli
-
-from .test_spool_client import SHORT_DEADLINE, free_port, spool_client
+from tests.helpers import SHORT_DEADLINE, free_port, run_cli, spool_client
 
 APPS = {"app-a": ("ns-a", range(50)), "app-b": ("ns-b", range(1000, 1050))}
 

@@ -26,9 +26,7 @@ import pytest
 from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import SpoolRecord, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.cli.test_cli import run_cli
-
-from .test_spool_client import SHORT_DEADLINE, free_port, spool_client, start_producer
+from tests.helpers import SHORT_DEADLINE, balanced, free_port, run_cli, spool_client, start_producer
 
 DISK = "2m"
 
@@ -79,11 +77,6 @@ async def status_records(spool_dir: Path) -> int:
     return int(match[1])
 
 
-def balanced(td: TelemetryClient) -> bool:
-    s = td.stats
-    return s.enqueued == s.sent + s.spooled + sum(s.dropped.values()) + s.pending
-
-
 async def wait_until(condition: Callable[[], bool], timeout: float = 90) -> None:
     """Poll ``condition`` every 50 ms, for at most ``timeout`` seconds."""
     for _ in range(int(timeout / 0.05)):
@@ -111,7 +104,7 @@ async def test_full_disk_evicts_oldest_and_the_same_client_delivers_the_rest(
         await fill_then_deliver(td, small_disk, port, caplog)
     finally:
         await td.aclose(timeout=10)
-    assert balanced(td)
+    assert balanced(td.stats)
 
 
 async def fill_then_deliver(
@@ -120,9 +113,9 @@ async def fill_then_deliver(
     for i in range(50_000):
         await td.signal("Disk.case", payload={"Test.id": i})
         if i % 5_000 == 0:
-            assert balanced(td)
+            assert balanced(td.stats)
     await td.flush(timeout=30)  # everything that could not be sent has gone to the spool
-    assert balanced(td)
+    assert balanced(td.stats)
     stats = td.stats
     assert stats.sent == 0
     assert stats.pending == 0
@@ -247,7 +240,7 @@ async def test_disk_filled_to_the_last_byte_by_something_else(
     finally:
         await td.aclose(timeout=10)
     assert emulator.distinct_ids() == set(range(301))
-    assert balanced(td)
+    assert balanced(td.stats)
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
