@@ -608,18 +608,18 @@ class TelemetryClient(Presets):
         # ``params``: the TelemetryDeck keys of a preset, already validated. Only presets pass
         # them, and only they may use a reserved type (they never pass a caller's unchecked one).
         if params is None:
-            if type(signal_type) is str and signal_type in _GOOD_TYPES:
-                pass  # checked before: services send the same few types again and again
-            elif (
-                type(signal_type) is not str
-                or not signal_type
-                or signal_type.startswith(SDK_KEY_PREFIX)
-                or signal_type.isspace()
-                or not signal_type.isascii()  # the rare non-ASCII type: check it encodes
-            ):
-                validate_type(signal_type)  # raises with the precise reason
-            elif len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
-                _GOOD_TYPES.add(signal_type)
+            # Checked once per type: services send the same few types again and again.
+            if type(signal_type) is not str or signal_type not in _GOOD_TYPES:
+                if (
+                    type(signal_type) is not str
+                    or not signal_type
+                    or signal_type.startswith(SDK_KEY_PREFIX)
+                    or signal_type.isspace()
+                    or not signal_type.isascii()  # the rare non-ASCII type: check it encodes
+                ):
+                    validate_type(signal_type)  # raises with the precise reason
+                elif len(_GOOD_TYPES) < _GOOD_TYPES_MAX:
+                    _GOOD_TYPES.add(signal_type)
             if self._signal_prefix:
                 signal_type = self._signal_prefix + signal_type
         elif self._signal_prefix and not signal_type.startswith(SDK_KEY_PREFIX):

@@ -74,11 +74,14 @@ class ForwardProxy:
         assert task is not None
         self._tasks.add(task)
         try:
-            await self._handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:
-            pass  # the proxy is stopping: end the connection quietly
+            # A client gone mid-request, or the proxy stopping (cancelled): end it quietly.
+            with contextlib.suppress(
+                ConnectionError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                asyncio.CancelledError,
+            ):
+                await self._handle(reader, writer)
         finally:
             self._tasks.discard(task)
             writer.close()

@@ -145,3 +145,18 @@ class ThreadedEmulator:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 90) -> bool:
+    """Poll ``condition`` every 20 ms for at most ``timeout`` seconds; whether it came true.
+
+    The bound is generous on purpose: it only stops a broken test from hanging, it never
+    judges speed (the caller asserts the condition, not the time).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -8,7 +8,6 @@ the configured one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from telemetrydeck_async import RedirectError, RetryPolicy, TelemetryClient
 from telemetrydeck_async.devserver import IngestEmulator, build_app
+from tests.helpers import wait_until
 
 #: Slow probes, in test time: a client that followed no slow-probe rule would send hundreds.
 PROBE = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, auth_probe_interval=0.3)
@@ -70,15 +70,6 @@ async def redirecting(elsewhere: IngestEmulator) -> AsyncIterator[Redirecting]:
     await runner.cleanup()
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (bounded) until ``condition()`` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 def redirect_client(
     server: Redirecting, errors: list[BaseException], **options: object
 ) -> TelemetryClient:
@@ -117,7 +108,7 @@ async def test_a_redirect_keeps_the_signals_in_memory_and_is_never_followed(
         assert kept.pending == N
         # Wait for two more probes: a client without the slow-probe rule would have sent
         # every batch again and again by then.
-        await until(lambda: redirecting.redirected >= 3)
+        assert await wait_until(lambda: redirecting.redirected >= 3, BOUND)
         assert redirecting.redirected <= 5
         assert td.stats.dropped == {}
         assert td.stats.pending == N
@@ -132,7 +123,7 @@ async def test_a_redirect_keeps_the_signals_in_memory_and_is_never_followed(
         assert td.stats.last_error is not None
         assert td.stats.last_error.type == "RedirectError"
         redirecting.status = None  # base_url fixed at the server side: the probe gets through
-        await until(lambda: td.stats.sent == N)
+        assert await wait_until(lambda: td.stats.sent == N, BOUND)
     assert redirecting.emulator.distinct_ids() == set(range(N))
     assert elsewhere.requests == []
 
@@ -146,13 +137,15 @@ async def test_a_redirect_with_a_spool_spools_the_signals_and_the_probe_sends_th
     errors: list[BaseException] = []
     async with redirect_client(redirecting, errors, spool_dir=str(tmp_path)) as td:
         await send(td)
-        await until(lambda: td.stats.spooled == N)
+        assert await wait_until(lambda: td.stats.spooled == N, BOUND)
         assert td.stats.dropped == {}
         assert td.stats.pending == 0
-        await until(lambda: redirecting.redirected >= 3)  # probes with spooled batches
+        assert await wait_until(
+            lambda: redirecting.redirected >= 3, BOUND
+        )  # probes with spooled batches
         assert td.stats.spool_dropped == {}
         redirecting.status = None
-        await until(lambda: len(redirecting.emulator.distinct_ids()) == N)
+        assert await wait_until(lambda: len(redirecting.emulator.distinct_ids()) == N, BOUND)
     assert redirecting.emulator.distinct_ids() == set(range(N))
     assert elsewhere.requests == []
     assert all(isinstance(e, RedirectError) for e in errors)

@@ -8,7 +8,6 @@ client and from a restarted one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,7 +17,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,15 @@ import pytest
 from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import SpoolRecord, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
-from tests.helpers import SHORT_DEADLINE, balanced, free_port, run_cli, spool_client, start_producer
+from tests.helpers import (
+    SHORT_DEADLINE,
+    balanced,
+    free_port,
+    run_cli,
+    spool_client,
+    start_producer,
+    wait_until,
+)
 
 DISK = "2m"
 
@@ -75,14 +82,6 @@ async def status_records(spool_dir: Path) -> int:
     match = re.search(r"records \(signals\)\s+(\d+)$", out, re.MULTILINE)
     assert match, out
     return int(match[1])
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 90) -> None:
-    """Poll ``condition`` every 50 ms, for at most ``timeout`` seconds."""
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
 
 
 async def test_full_disk_evicts_oldest_and_the_same_client_delivers_the_rest(
