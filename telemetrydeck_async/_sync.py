@@ -397,12 +397,7 @@ class SyncTelemetryClient:
         if signal is None:  # before_send dropped it (counted by the client)
             return
         if self._write_ahead and threading.current_thread() is not self._thread:
-            wait = client.config.request_timeout
-            try:
-                self._call(client._submit(signal), wait)
-            except concurrent.futures.TimeoutError:
-                # Still being written, and counted: the caller is not held any longer.
-                log.warning("a signal was not on disk within %g s; not waiting longer", wait)
+            self._hand_over_to_disk(client, signal)
             return
         if threading.current_thread() is self._thread:
             client._enqueue_anywhere(signal)  # a callback on the loop: queue directly
@@ -427,6 +422,30 @@ class SyncTelemetryClient:
         # earlier may have missed it: then it is this caller's to take back (see _take_back).
         if self._closed:
             self._take_back(inbox, signal, "this SyncTelemetryClient is closed")
+
+    def _hand_over_to_disk(self, client: TelemetryClient, signal: Signal) -> None:
+        """durability="always": queue on the loop and wait (bounded) until it is on disk."""
+        loop = self._loop
+        assert loop is not None
+        submit = client._submit(signal)
+        try:
+            future = asyncio.run_coroutine_threadsafe(submit, loop)
+        except RuntimeError:  # the loop is closed
+            submit.close()
+            raise ClientClosedError(
+                "this SyncTelemetryClient's event loop has ended; the signal was not queued"
+            ) from None
+        # As in _hand_over: a close that began after the scheduling runs after this coroutine;
+        # one that began before may have stopped the loop already. Not started: refused.
+        if self._closed and future.cancel():
+            submit.close()
+            raise ClientClosedError("this SyncTelemetryClient is closed; the signal was not queued")
+        wait = client.config.request_timeout
+        try:
+            future.result(wait)
+        except concurrent.futures.TimeoutError:
+            # Still being written, and counted: the caller is not held any longer.
+            log.warning("a signal was not on disk within %g s; not waiting longer", wait)
 
     @staticmethod
     def _take_back(inbox: collections.deque[Signal], signal: Signal, why: str) -> None:

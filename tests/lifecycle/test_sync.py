@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -353,16 +354,19 @@ def test_signals_racing_close_are_each_refused_or_counted(make_sync: Any) -> Non
     Every call either raises ClientClosedError (refused, not counted) or returns, and then the
     books hold it: enqueued equals the calls that returned, nothing is left pending.
     """
-    for round_ in range(3):
+    for round_ in range(2):
         td = make_sync(batch_size=50, close_timeout=5)
-        accepted = _close_while_calling(td, threads=4, warm_up=300 * (round_ + 1))
+        accepted = _close_while_calling(td, threads=4, warm_up=200 * (round_ + 1))
         stats = td.stats
         assert stats.enqueued == accepted, (round_, stats, accepted)
         assert stats.pending == 0
         assert balanced(stats)
 
 
-def test_a_call_inside_signal_while_close_runs_is_refused(make_sync: Any) -> None:
+@pytest.mark.parametrize("durability", ["spill", "always"])
+def test_a_call_inside_signal_while_close_runs_is_refused(
+    make_sync: Any, tmp_path: Path, durability: str
+) -> None:
     """A caller held inside signal() (its before_send) through a whole close() is refused."""
     inside, release = threading.Event(), threading.Event()
 
@@ -372,7 +376,7 @@ def test_a_call_inside_signal_while_close_runs_is_refused(make_sync: Any) -> Non
             release.wait(BOUND)
         return signal
 
-    td = make_sync(before_send=hold)
+    td = make_sync(before_send=hold, spool_dir=str(tmp_path), durability=durability)
     td.signal("Worker.Job.early")
     outcome: list[BaseException | None] = []
 
