@@ -455,11 +455,14 @@ class SyncTelemetryClient:
         is removed and the caller told, as any call on a closed client is. Gone: a drain
         queued it (it is in the books, sent or dropped with reason ``shutdown``).
         """
-        try:
-            inbox.remove(signal)
-        except ValueError:
-            return
-        raise ClientClosedError(f"{why}; the signal was not queued")
+        while True:
+            try:
+                inbox.remove(signal)
+            except ValueError:
+                return
+            except RuntimeError:  # "deque mutated during remove()": nothing removed, again
+                continue
+            raise ClientClosedError(f"{why}; the signal was not queued")
 
     def _drain(self) -> None:
         """On the loop: queue everything handed over (counted as dropped once closed)."""
