@@ -4,9 +4,11 @@ A hello-world FastAPI app runs under uvicorn (one worker) in its own process; a 
 another process keeps ``CONNECTIONS`` keep-alive connections busy until ``requests`` requests
 are answered. The handler does nothing else, so this is the worst case: every microsecond the
 SDK adds is a large share of the request. Variants, each in a fresh server, taking turns in
-every round (median of the rounds):
+every round (the order rotates from round to round):
 
 * ``none``: no analytics;
+* ``none-again``: the same app again, an A/A pair: its difference from ``none`` is what the
+  machine's noise alone makes, the yardstick for the other differences;
 * ``nowait``: the handler calls ``td.signal_nowait()`` (the client made by
   ``telemetry_lifespan``, sending to the loopback sink);
 * ``middleware``: ``TelemetryMiddleware`` as in docs/integrations.md, the handler untouched;
@@ -14,7 +16,9 @@ every round (median of the rounds):
 
 Per variant: requests/s, p99 latency (as the driver sees it) and the server's CPU time per
 request (all its threads, read by the app itself before and after the load), each against
-``none``; and how many of the signals reached the sink once the server stopped.
+``none``; and how many of the signals reached the sink once the server stopped. Differences
+are paired: each round's figure against the same round's ``none``, then the median of the
+rounds, with the rounds' spread (half the range) beside it.
 
 Usage of the helper processes (the figure starts them): ``python -m benchmarks.service serve
 --variant V --sink URL`` prints ``PORT <n>`` and serves until its standard input closes;
@@ -50,7 +54,11 @@ from .figures import Settings
 from .peers import _installed
 
 CONNECTIONS = 32
-VARIANTS = ("none", "nowait", "middleware", "posthog", "segment")
+VARIANTS = ("none", "none-again", "nowait", "middleware", "posthog", "segment")
+#: The variants with a target: this SDK's.
+OURS = ("nowait", "middleware")
+#: The variants that send something per request.
+SIGNALLING = (*OURS, "posthog", "segment")
 REQUEST_SIGNAL = "Bench.Request.handled"
 
 # ----------------------------------------------------------------------------- the server
@@ -79,7 +87,7 @@ def _app(variant: str, sink_url: str) -> Any:
 
         peer = Client(write_key="bench", host=sink_url)
 
-    lifespan = telemetry_lifespan(make_client) if variant in ("nowait", "middleware") else None
+    lifespan = telemetry_lifespan(make_client) if variant in OURS else None
     app = FastAPI(lifespan=lifespan)
     if variant == "middleware":
         app.add_middleware(TelemetryMiddleware)
@@ -289,7 +297,7 @@ async def _drive(port: int, requests: int) -> dict[str, Any]:
 
 async def _round(variant: str, sink: Sink, requests: int) -> dict[str, Any]:
     """One fresh server: warm up, measure, stop; what reached the sink."""
-    what = "signals" if variant in ("nowait", "middleware") else "events"
+    what = "signals" if variant in OURS else "events"  # the sink counts each kind apart
     before = await sink.count(what)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -331,7 +339,7 @@ async def _round(variant: str, sink: Sink, requests: int) -> dict[str, Any]:
     result["delivered"] = await sink.count(what) - before
     # The middleware also signals the three control requests (/_cpu twice, /_close).
     control = 3 if variant == "middleware" else 0
-    result["sent_total"] = (warm + requests + control) if variant != "none" else 0
+    result["sent_total"] = (warm + requests + control) if variant in SIGNALLING else 0
     return result
 
 
@@ -340,7 +348,7 @@ def variants(quick: bool) -> tuple[list[str], list[str]]:
     skipped = []
     if not (_installed("fastapi") and _installed("uvicorn")):
         return [], ["fastapi and uvicorn are not installed: pip install -e '.[bench]'"]
-    run = ["none", "nowait", "middleware"]
+    run = ["none", "none-again", "nowait", "middleware"]
     if quick:  # CI: the SDK's variants only, to stay fast
         return run, ["quick mode: the peers' variants run in the full suite only"]
     if _installed("posthog") and _installed("httpx"):
@@ -356,11 +364,28 @@ def variants(quick: bool) -> tuple[list[str], list[str]]:
 
 LABELS = {
     "none": "no analytics",
+    "none-again": "no analytics again (A/A)",
     "nowait": "`td.signal_nowait()` in the handler",
     "middleware": "`TelemetryMiddleware`",
     "posthog": "posthog `AsyncClient.capture()` in the handler",
     "segment": "segment `track()` in the handler",
 }
+
+
+def paired(
+    got: dict[str, list[dict[str, Any]]], variant: str, key: str, ratio: bool = False
+) -> tuple[float, float]:
+    """The median over rounds of ``variant``'s ``key`` against the same round's ``none``.
+
+    A difference (or a ratio), and the spread of the rounds (half their range): the rounds
+    run at different moments of a shared machine, and pairing each with its own baseline
+    takes the drift between rounds out of the figure.
+    """
+    each = [
+        (r[key] / b[key]) if ratio else (r[key] - b[key])
+        for r, b in zip(got[variant], got["none"], strict=True)
+    ]
+    return median(each), (max(each) - min(each)) / 2
 
 
 async def service(s: Settings, sink: Sink) -> list[Row]:
@@ -371,8 +396,11 @@ async def service(s: Settings, sink: Sink) -> list[Row]:
     if not run:
         return [Row("service", "service benchmark", None, "", note="skipped: " + skipped[0])]
     got: dict[str, list[dict[str, Any]]] = {v: [] for v in run}
-    for _ in range(s.service_rounds):
-        for variant in run:
+    for k in range(s.service_rounds):
+        # Round-robin, starting one later each round: no variant always runs first (on a cold
+        # machine) or right after the heaviest one.
+        shift = k % len(run)
+        for variant in run[shift:] + run[:shift]:
             got[variant].append(await _round(variant, sink, s.service_requests))
 
     def med(variant: str, key: str) -> float:
@@ -383,18 +411,24 @@ async def service(s: Settings, sink: Sink) -> list[Row]:
         med("none", "p99_ms"),
         med("none", "cpu_us"),
     )
+    aa_cpu, aa_spread = paired(got, "none-again", "cpu_us")
+    # +10 µs can be judged only when the A/A pair (no difference at all) stays well inside it,
+    # over enough rounds for a spread to mean something.
+    resolvable = s.service_rounds >= 3 and aa_spread < 10.0 and abs(aa_cpu) < 5.0
     rows: list[Row] = []
     for variant in run:
         results = got[variant]
-        ours = variant in ("nowait", "middleware")
+        ours = variant in OURS
         errors = sum(r["errors"] for r in results)
         lost = sum(r["sent_total"] - r["delivered"] for r in results)
+        rate_ratio, rate_spread = paired(got, variant, "rate", ratio=True)
         note = (
             f"{s.service_requests} requests x {len(results)} rounds over {CONNECTIONS} "
-            f"connections; p99 {med(variant, 'p99_ms'):.2f} ms (no SDK {base_p99:.2f} ms), "
+            f"connections; paired req/s ratio {rate_ratio:.3f} ± {rate_spread:.3f}; "
+            f"p99 {med(variant, 'p99_ms'):.2f} ms (no SDK {base_p99:.2f} ms), "
             f"p50 {med(variant, 'p50_ms'):.2f} ms"
         )
-        if variant != "none":
+        if variant in SIGNALLING:
             note += f"; signals not delivered: {max(lost, 0)}"
         if errors:
             note += f"; {errors} non-200 answers"
@@ -405,20 +439,28 @@ async def service(s: Settings, sink: Sink) -> list[Row]:
             "/s",
             base_rate,
             "≥ 0.95x no SDK" if ours else "—",
-            met=(med(variant, "rate") >= 0.95 * base_rate) if ours else None,
+            met=(rate_ratio >= 0.95) if ours else None,
             note=note,
-            extra={"rounds": results, "label": LABELS[variant]},
+            extra={"rounds": results, "label": LABELS[variant], "paired_ratio": rate_ratio},
         )
-        extra_cpu = med(variant, "cpu_us") - base_cpu
+        extra_cpu, spread = paired(got, variant, "cpu_us")
         cpu = Row(
             f"service.{variant}.cpu",
-            f"server CPU per request, {LABELS[variant]} ({extra_cpu:+.1f} µs)",
+            f"server CPU per request, {LABELS[variant]} ({extra_cpu:+.1f} ± {spread:.1f} µs)",
             med(variant, "cpu_us"),
             "µs",
             base_cpu,
             "≤ +10 µs" if ours else "—",
-            met=(extra_cpu <= 10.0) if ours else None,
-            note="all threads of the server process, read by the app before and after the load",
+            # Judged only when the A/A pair shows the machine can resolve 10 µs at all.
+            met=(extra_cpu <= 10.0 if resolvable else None) if ours else None,
+            note=(
+                "all threads of the server process, read by the app before and after the load; "
+                f"paired with each round's no-SDK server: {extra_cpu:+.1f} µs median, rounds "
+                f"spread ± {spread:.1f} µs; the A/A pair (the same app twice): "
+                f"{aa_cpu:+.1f} ± {aa_spread:.1f} µs"
+                + ("" if resolvable else " -- not enough to judge +10 µs on this run")
+            ),
+            extra={"paired_us": extra_cpu, "spread_us": spread},
         )
         rows += [rate, cpu]
     if skipped:

@@ -95,6 +95,10 @@ class RequestSignals:
     signal_type: str = attrs.field()
     filter: RequestFilter | None = None
     _warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog, init=False)
+    #: (route, method, status) -> the payload. A service answers few distinct combinations,
+    #: so each payload dict is built once; it is never changed afterwards, and the client
+    #: copies what it keeps (sharing it between signals is safe).
+    _payloads: dict[tuple[str, str, int], dict[str, str]] = attrs.field(factory=dict, init=False)
 
     @signal_type.validator
     def _check_type(self, _attr: object, value: str) -> None:
@@ -138,19 +142,24 @@ class RequestSignals:
             return
         # On the loop thread the async client queues directly; the sync one hands over.
         emit = client.signal if isinstance(client, SyncTelemetryClient) else client.signal_nowait
+        payload = self._payloads.get((route, method, status))
+        if payload is None:
+            payload = self._payload(route, method, status)
         try:
-            emit(
-                self.signal_type,
-                client_user=user,
-                payload={
-                    ROUTE_KEY: route,
-                    METHOD_KEY: method,
-                    STATUS_CLASS_KEY: status_class(status),
-                },
-                float_value=duration_ms,
-            )
+            emit(self.signal_type, client_user=user, payload=payload, float_value=duration_ms)
         except Exception as exc:
             self.warn("signal", "could not queue the request signal", exc)
+
+    def _payload(self, route: str, method: str, status: int) -> dict[str, str]:
+        """The payload of a combination not seen yet (remembered, in bounded memory)."""
+        if len(self._payloads) >= 4096:  # routes made on the fly: keep memory flat
+            self._payloads.clear()
+        payload = self._payloads[(route, method, status)] = {
+            ROUTE_KEY: route,
+            METHOD_KEY: method,
+            STATUS_CLASS_KEY: status_class(status),
+        }
+        return payload
 
     def user_of(self, hook: Callable[[_T], str | None] | None, request: _T) -> str | None:
         """The user id ``hook`` gives for ``request``; None without a hook or when it raises."""

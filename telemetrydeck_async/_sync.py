@@ -12,11 +12,14 @@ facade owns in one daemon thread, started on first use:
   ``--preload`` workers, ``multiprocessing`` with fork, Celery's prefork pool) finds the
   thread gone, and starts its own loop on first use; the async client's fork hook has already
   emptied what the child inherited, so the parent alone sends its queue.
-* **exit**: ``_lifecycle``'s exit hook closes the client on this loop, bounded by
-  ``close_timeout``. At that point ``concurrent.futures`` refuses new work, and aiohttp resolves
-  host names through the loop's default executor: the loop therefore gets an executor that
-  runs such a call inline on the loop thread once the pool refuses (:class:`_ExitSafeExecutor`),
-  so the close still reaches ``https://`` hosts by name, or spools what it cannot send.
+* **exit**: an ``atexit`` hook of this module closes every facade with ``close()``, bounded
+  by ``close_timeout``, before ``_lifecycle``'s hook runs (which then finds nothing left):
+  daemon threads may still be calling ``signal()``, and each such call is either queued before
+  the close or refused with ``ClientClosedError``, never left uncounted. At that point
+  ``concurrent.futures`` refuses new work, and aiohttp resolves host names through the
+  loop's default executor: the loop therefore gets an executor that runs such a call inline
+  on the loop thread once the pool refuses (:class:`_ExitSafeExecutor`), so the close
+  still reaches ``https://`` hosts by name, or spools what it cannot send.
 * a child started by ``multiprocessing`` ends with ``os._exit()`` (no ``atexit``): the facade
   registers a ``multiprocessing`` finalizer there, which that exit does run.
 """
@@ -24,6 +27,7 @@ facade owns in one daemon thread, started on first use:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import functools
@@ -295,6 +299,10 @@ class SyncTelemetryClient:
         if not self._client.enabled:
             return None
         with self._lock:
+            # Checked again under the lock: a close() that ran meanwhile must not see a loop
+            # started after it (nobody would close that one).
+            if self._closed:
+                raise ClientClosedError("this SyncTelemetryClient is closed; create a new one")
             if self._pid != os.getpid():
                 self._start()
         return self._client
@@ -389,12 +397,7 @@ class SyncTelemetryClient:
         if signal is None:  # before_send dropped it (counted by the client)
             return
         if self._write_ahead and threading.current_thread() is not self._thread:
-            wait = client.config.request_timeout
-            try:
-                self._call(client._submit(signal), wait)
-            except concurrent.futures.TimeoutError:
-                # Still being written, and counted: the caller is not held any longer.
-                log.warning("a signal was not on disk within %g s; not waiting longer", wait)
+            self._hand_over_to_disk(client, signal)
             return
         if threading.current_thread() is self._thread:
             client._enqueue_anywhere(signal)  # a callback on the loop: queue directly
@@ -403,17 +406,63 @@ class SyncTelemetryClient:
         # syscall, and the loop thread competing for the GIL) per burst, not per signal.
         # deque.append is atomic; the flag is set before the drain is scheduled and cleared
         # by the drain before it reads the inbox, so no signal is ever left behind.
-        self._inbox.append(signal)
+        inbox = self._inbox
+        inbox.append(signal)
         if not self._drain_scheduled:
             self._drain_scheduled = True
             loop = self._loop
             assert loop is not None
             try:
                 loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed
-                raise ClientClosedError(
-                    "this SyncTelemetryClient's event loop has ended; the signal was not queued"
-                ) from None
+            except RuntimeError:  # the loop is closed: nothing will drain the inbox again
+                self._take_back(inbox, signal, "this SyncTelemetryClient's event loop has ended")
+                return
+        # Read after the append: a close() that began later drains the inbox on the loop
+        # before it closes the client, so this signal is queued there. One that began
+        # earlier may have missed it: then it is this caller's to take back (see _take_back).
+        if self._closed:
+            self._take_back(inbox, signal, "this SyncTelemetryClient is closed")
+
+    def _hand_over_to_disk(self, client: TelemetryClient, signal: Signal) -> None:
+        """durability="always": queue on the loop and wait (bounded) until it is on disk."""
+        loop = self._loop
+        assert loop is not None
+        submit = client._submit(signal)
+        try:
+            future = asyncio.run_coroutine_threadsafe(submit, loop)
+        except RuntimeError:  # the loop is closed
+            submit.close()
+            raise ClientClosedError(
+                "this SyncTelemetryClient's event loop has ended; the signal was not queued"
+            ) from None
+        # As in _hand_over: a close that began after the scheduling runs after this coroutine;
+        # one that began before may have stopped the loop already. Not started: refused.
+        if self._closed and future.cancel():
+            submit.close()
+            raise ClientClosedError("this SyncTelemetryClient is closed; the signal was not queued")
+        wait = client.config.request_timeout
+        try:
+            future.result(wait)
+        except concurrent.futures.TimeoutError:
+            # Still being written, and counted: the caller is not held any longer.
+            log.warning("a signal was not on disk within %g s; not waiting longer", wait)
+
+    @staticmethod
+    def _take_back(inbox: collections.deque[Signal], signal: Signal, why: str) -> None:
+        """A close raced this hand-over: refuse the signal, unless the loop already took it.
+
+        Still in the inbox: nobody counted it, and once the loop has stopped nobody will; it
+        is removed and the caller told, as any call on a closed client is. Gone: a drain
+        queued it (it is in the books, sent or dropped with reason ``shutdown``).
+        """
+        while True:
+            try:
+                inbox.remove(signal)
+            except ValueError:
+                return
+            except RuntimeError:  # "deque mutated during remove()": nothing removed, again
+                continue
+            raise ClientClosedError(f"{why}; the signal was not queued")
 
     def _drain(self) -> None:
         """On the loop: queue everything handed over (counted as dropped once closed)."""
@@ -422,6 +471,13 @@ class SyncTelemetryClient:
         enqueue = self._client._enqueue_handed_over
         while inbox:
             enqueue(take())
+
+    async def _close_on_loop(self, timeout: float) -> FlushResult:
+        """On the loop: queue what callers handed over before the close, then close."""
+        # close() set _closed first: every hand-over that missed it is in the inbox now, and
+        # is sent (or spooled) by the close like any queued signal.
+        self._drain()
+        return await self._client.aclose(timeout)
 
     error = _sync_preset(Presets.error)
     navigation = _sync_preset(Presets.navigation)
@@ -517,7 +573,7 @@ class SyncTelemetryClient:
             else:
                 bound = self._client.config.close_timeout if timeout is None else timeout
                 try:
-                    result = self._call(self._client.aclose(bound), _wait_bound(bound))
+                    result = self._call(self._close_on_loop(bound), _wait_bound(bound))
                 except concurrent.futures.TimeoutError:
                     log.warning("the SyncTelemetryClient's close did not end in time")
                     result = FlushResult(sent=0, spooled=0, dropped={}, pending=self.stats.pending)
@@ -621,5 +677,18 @@ def _after_fork_in_child() -> None:
         facade._after_fork_in_child()
 
 
+def _close_all_at_exit() -> None:
+    """atexit: close every facade with its own ``close()``, before ``_lifecycle``'s hook runs.
+
+    The facade's close, not the bare pipeline close the exit hook would run: callers may still
+    be handing signals over from daemon threads, and only the facade's close settles each of
+    them (queued, or refused) and then stops the loop thread.
+    """
+    for facade in list(_facades):
+        _close_quietly(weakref.ref(facade))
+
+
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+# Registered after _lifecycle's handler (imported above), so it runs first: atexit is LIFO.
+atexit.register(_close_all_at_exit)

@@ -32,9 +32,11 @@ never imports Starlette, FastAPI or uvicorn. ::
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
+
+# Read twice per request: a module global is found faster than time's attribute.
+from time import perf_counter as _perf_counter
 from typing import Any, Final
 
 from ._client import TelemetryClient
@@ -207,14 +209,16 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = _perf_counter()
         status = 500
 
-        async def send_and_watch(message: _Message) -> None:
+        def send_and_watch(message: _Message) -> Awaitable[None]:
+            # Not a coroutine function: the app awaits the server's own send directly, so
+            # watching the status adds no coroutine per message (two per request).
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
@@ -224,7 +228,7 @@ class TelemetryMiddleware:
         self._record(scope, status, started)
 
     def _record(self, scope: _Scope, status: int, started: float) -> None:
-        duration_ms = (time.perf_counter() - started) * 1000.0
+        duration_ms = (_perf_counter() - started) * 1000.0
         route = self._route(scope)
         method = scope.get("method", "")
         if type(method) is not str:

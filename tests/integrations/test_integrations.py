@@ -672,3 +672,25 @@ async def test_telemetry_ctx_refuses_a_factory_that_returns_something_else() -> 
     with pytest.raises(ConfigurationError, match="TelemetryClient"):
         await asyncio.wait_for(runner.setup(), BOUND)
     await runner.cleanup()
+
+
+async def test_request_payloads_stay_right_and_bounded_across_many_routes(
+    factory: Callable[[], TelemetryClient], emulator: IngestEmulator
+) -> None:
+    """Routes made on the fly: each signal carries its own route and status, memory stays flat."""
+    from telemetrydeck_async._http import RequestSignals
+
+    signals = RequestSignals(REQUEST_SIGNAL)
+    routes = [f"/generated/{n}" for n in range(4200)]
+    async with factory() as td:
+        for n, route in enumerate(routes):
+            signals.send_request(td, "GET", route, 200 if n % 2 else 404, 1.0, None)
+        signals.send_request(td, "POST", routes[0], 500, 1.0, None)  # after the bound: rebuilt
+        assert len(signals._payloads) <= 4096
+    sent = [http_payload(s) for s in request_signals(emulator)]
+    assert [p["HTTP.Request.route"] for p in sent] == [*routes, routes[0]]
+    assert [p["HTTP.Response.statusClass"] for p in sent] == [
+        *(("2xx" if n % 2 else "4xx") for n in range(4200)),
+        "5xx",
+    ]
+    assert sent[-1]["HTTP.Request.method"] == "POST"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -311,3 +313,88 @@ def test_a_callback_on_the_loop_thread_cannot_wait_for_its_own_loop(
     td.flush()
     assert [type(e).__name__ for e in seen] == ["WrongEventLoopError"]
     assert threaded_emulator.emu.distinct_ids() == {"first", "from-callback"}
+
+
+def _close_while_calling(td: SyncTelemetryClient, threads: int, warm_up: int) -> int:
+    """Close ``td`` while ``threads`` threads call signal() in a tight loop; calls that returned."""
+    accepted = [0] * threads
+    started = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def submit(n: int) -> None:
+        try:
+            started.wait(BOUND)
+            while True:
+                try:
+                    td.signal("Worker.Job.done", payload={"Test.id": n})
+                except ClientClosedError:
+                    return  # refused: closed, and this call was not counted
+                accepted[n] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=submit, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    started.wait(BOUND)
+    # Let the callers get going (bounded: a slow machine only waits longer).
+    deadline = time.monotonic() + BOUND
+    while sum(accepted) < warm_up and time.monotonic() < deadline:
+        time.sleep(0.001)
+    td.close()
+    for worker in workers:
+        worker.join(BOUND)
+    assert errors == []
+    return sum(accepted)
+
+
+def test_signals_racing_close_are_each_refused_or_counted(make_sync: Any) -> None:
+    """Threads call signal() in a tight loop while close() runs: none is lost uncounted.
+
+    Every call either raises ClientClosedError (refused, not counted) or returns, and then the
+    books hold it: enqueued equals the calls that returned, nothing is left pending.
+    """
+    for round_ in range(2):
+        td = make_sync(batch_size=50, close_timeout=5)
+        accepted = _close_while_calling(td, threads=4, warm_up=200 * (round_ + 1))
+        stats = td.stats
+        assert stats.enqueued == accepted, (round_, stats, accepted)
+        assert stats.pending == 0
+        assert balanced(stats)
+
+
+@pytest.mark.parametrize("durability", ["spill", "always"])
+def test_a_call_inside_signal_while_close_runs_is_refused(
+    make_sync: Any, tmp_path: Path, durability: str
+) -> None:
+    """A caller held inside signal() (its before_send) through a whole close() is refused."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(signal: dict[str, Any]) -> dict[str, Any]:
+        if signal["type"] == "Worker.Job.late":
+            inside.set()
+            release.wait(BOUND)
+        return signal
+
+    td = make_sync(before_send=hold, spool_dir=str(tmp_path), durability=durability)
+    td.signal("Worker.Job.early")
+    outcome: list[BaseException | None] = []
+
+    def late() -> None:
+        try:
+            td.signal("Worker.Job.late")
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    caller = threading.Thread(target=late)
+    caller.start()
+    assert inside.wait(BOUND)
+    result = td.close()  # the caller passed the closed check, and has not handed over yet
+    release.set()
+    caller.join(BOUND)
+    assert [type(exc).__name__ for exc in outcome] == ["ClientClosedError"]
+    assert result.sent == 1
+    assert td.stats.enqueued == 1
+    assert balanced(td.stats)

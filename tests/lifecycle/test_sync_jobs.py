@@ -160,3 +160,18 @@ def test_durability_always_signals_survive_kill_9(
     threaded_emulator.emu.faults.status_always = None
     deliver_spool(threaded_emulator, tmp_path, 30)
     assert sorted(ids(threaded_emulator, "durable-")) == sorted(f"durable-{i}" for i in range(30))
+
+
+def test_an_exit_with_calls_in_flight_counts_every_call_that_returned(
+    threaded_emulator: ThreadedEmulator,
+) -> None:
+    """Exit while 4 threads call signal(): each returned call is sent, none left pending."""
+    done = run("racing", threaded_emulator.emu.base_url)
+    assert done.returncode == 0, done.stderr
+    accepted = re.search(r"^ACCEPTED (\d+) ALIVE 0$", done.stdout, re.MULTILINE)
+    assert accepted is not None, done.stdout
+    [(enqueued, sent, spooled, dropped, pending)] = books(done.stdout)["exit"]
+    assert enqueued == int(accepted[1]) >= 2000
+    assert pending == 0
+    assert enqueued == sent + spooled + dropped
+    assert len(ids(threaded_emulator, "race-")) == sent

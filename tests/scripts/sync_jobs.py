@@ -11,22 +11,42 @@ pending`` lines the test checks, and tags each signal with a unique ``Test.id``.
   client has nothing pending.
 * ``always``: durability="always": 30 signals, ``WRITTEN``, then the process waits to be
   killed with SIGKILL (the test does it).
+* ``racing``: 4 daemon threads call ``signal()`` in a tight loop; the main thread returns
+  while they run, so the exit hook closes the client with calls in flight. Last, the callers
+  are stopped and ``ACCEPTED n`` (calls that returned) is printed beside the books.
 """
 
 from __future__ import annotations
 
 import atexit
 
-# Registered before the package is imported, so it runs after the package's exit hook (atexit
-# runs handlers last-in, first-out): it prints the books as that hook left them.
-atexit.register(lambda: books("exit", td.stats) if MODE == "unclosed" else None)
+
+def _report_at_exit() -> None:
+    # Registered before the package is imported, so it runs after the package's exit hooks
+    # (atexit runs handlers last-in, first-out): it prints the books as they left them.
+    if MODE == "racing":
+        _stop.set()
+        for caller in _callers:
+            caller.join(60)
+        print("ACCEPTED", sum(_accepted), "ALIVE", sum(c.is_alive() for c in _callers), flush=True)
+    if MODE in ("unclosed", "racing"):
+        books("exit", td.stats)
+
+
+atexit.register(_report_at_exit)
 
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
-from telemetrydeck_async import RetryPolicy, Stats, SyncTelemetryClient  # noqa: E402
+from telemetrydeck_async import (  # noqa: E402
+    ClientClosedError,
+    RetryPolicy,
+    Stats,
+    SyncTelemetryClient,
+)
 
 MODE, BASE_URL = sys.argv[1], sys.argv[2]
 SPOOL_DIR = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
@@ -71,7 +91,32 @@ def pool_task(n: int) -> int:
     return os.getpid()
 
 
+_stop = threading.Event()
+_accepted = [0] * 4
+_callers: list[threading.Thread] = []
+
+
+def racing_caller(n: int) -> None:
+    while not _stop.is_set():
+        try:
+            td.signal("Job.Race.tick", payload={"Test.id": f"race-{n}"})
+        except ClientClosedError:
+            return  # refused: the client is closed, and this call was not counted
+        _accepted[n] += 1
+
+
 def main() -> None:
+    if MODE == "racing":
+        _callers.extend(
+            threading.Thread(target=racing_caller, args=(n,), daemon=True) for n in range(4)
+        )
+        for caller in _callers:
+            caller.start()
+        deadline = time.monotonic() + 60
+        while sum(_accepted) < 2000 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        print("RUNNING", flush=True)
+        return  # the interpreter exits with the callers still calling
     if MODE == "unclosed":
         for i in range(40):
             td.signal("Job.Cron.tick", payload={"Test.id": f"cron-{i}"})
