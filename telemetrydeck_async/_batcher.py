@@ -2,8 +2,9 @@
 
 ``put()`` is on the caller's hot path, so it only appends to a deque and, on the two transitions
 the flusher cares about (the queue stops being empty; a full batch is ready), sets an event.
-No task, future or timer is created per signal. Encoding happens in ``take()``, once per signal,
-inside the flusher, where a batch is cut at ``batch_size`` signals or ``max_batch_bytes`` bytes.
+No task, future or timer is created per signal. Encoding happens in ``take()``, inside the
+flusher, where a batch is cut at ``batch_size`` signals or ``max_batch_bytes`` bytes: with the
+``fast`` extra a whole batch in one orjson call, else once per signal.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import attrs
 
-from ._signal import Signal, encode_signal
+from ._signal import Signal, encode_batch, encode_signal, fast_encoding
 
 __all__ = ["Batch", "Batcher", "batch_budget"]
 
@@ -40,11 +42,34 @@ class Batch:
     "always"); ``recovered`` marks a batch read back from the spool.
     """
 
-    bodies: list[bytes]
-    received_at: list[float]
+    _bodies: list[bytes] | None = attrs.field(alias="bodies")
+    _received_at: list[float] | None = attrs.field(alias="received_at")
     seq: int = 0
     spool_ids: list[int | None] | None = None
     recovered: bool = False
+    # A batch cut from the queue and encoded whole (Batcher.take) keeps its signals and its
+    # request body; its bodies and times are made from the signals on first use (a split, the
+    # spool, on_drop), so a batch that is simply sent never makes them.
+    _signals: Sequence[Signal] = attrs.field(default=(), kw_only=True, alias="signals")
+    _app_id: str = attrs.field(default="", kw_only=True, alias="app_id")
+    _payload: bytes | None = attrs.field(default=None, kw_only=True, alias="payload")
+
+    @property
+    def bodies(self) -> list[bytes]:
+        """The encoded signals, in order."""
+        bodies = self._bodies
+        if bodies is None:
+            app_id = self._app_id
+            bodies = self._bodies = [encode_signal(signal, app_id) for signal in self._signals]
+        return bodies
+
+    @property
+    def received_at(self) -> list[float]:
+        """Each signal's Unix time (0.0 for a signal read back from the spool)."""
+        times = self._received_at
+        if times is None:
+            times = self._received_at = [signal.received_at for signal in self._signals]
+        return times
 
     def written_ids(self) -> list[int]:
         """The spool record ids of the signals that are on disk."""
@@ -59,11 +84,15 @@ class Batch:
         return Batch([self.bodies[n] for n in keep], [self.received_at[n] for n in keep], self.seq)
 
     def __len__(self) -> int:
-        return len(self.bodies)
+        bodies = self._bodies
+        return len(self._signals) if bodies is None else len(bodies)
 
     def payload(self) -> bytes:
         """The request body: a JSON array of the encoded signals."""
-        return b"[" + b",".join(self.bodies) + b"]"
+        payload = self._payload
+        if payload is None:
+            return b"[" + b",".join(self.bodies) + b"]"
+        return payload
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, each keeping its signals' order, seq and spool ids."""
@@ -110,6 +139,9 @@ class Batcher:
     # Spool record ids of queued signals written ahead (durability "always"), by id(signal):
     # empty otherwise, so the common path pays one truth test per batch.
     _spool_ids: dict[int, int] = attrs.field(factory=dict)
+    # False after a batch encoded whole came out over max_batch_bytes: large signals are cut
+    # one by one until a batch is cut by count again (each whole attempt costs an encode).
+    _whole: bool = True
 
     def __attrs_post_init__(self) -> None:
         self.space.set()
@@ -155,6 +187,10 @@ class Batcher:
         """Cut the next batch (up to ``batch_size`` signals and ``max_batch_bytes`` bytes)."""
         if not self:
             return None
+        if self._whole and self._carry is None and not self._spool_ids and fast_encoding():
+            batch = self._take_encoded()
+            if batch is not None:
+                return batch
         bodies: list[bytes] = []
         received: list[float] = []
         written = self._spool_ids
@@ -199,9 +235,31 @@ class Batcher:
             size += extra
             count += 1
         self.taken_total += count
+        self._whole = self._carry is None
         if len(queue) < self.max_queue_size:
             self.space.set()
         return Batch(bodies, received, seq, ids)
+
+    def _take_encoded(self) -> Batch | None:
+        """The next batch encoded whole (:func:`encode_batch`); None to cut it signal by signal.
+
+        Up to ``batch_size`` signals and one orjson call for all of them. When the body is
+        over ``max_batch_bytes`` (or a value was refused), the signals go back to the front of
+        the queue and the caller cuts the batch signal by signal, the size of each known.
+        """
+        queue = self._queue
+        pop = queue.popleft
+        signals = [pop() for _ in range(min(len(queue), self.batch_size))]
+        payload = encode_batch(signals, self.app_id)
+        if payload is None or len(payload) > self.max_batch_bytes:
+            queue.extendleft(reversed(signals))
+            self._whole = payload is None
+            return None
+        seq = self.taken_total
+        self.taken_total = seq + len(signals)
+        if len(queue) < self.max_queue_size:
+            self.space.set()
+        return Batch(None, None, seq, signals=signals, app_id=self.app_id, payload=payload)
 
     def drain(self) -> list[Batch]:
         """Everything still queued, as batches (used at shutdown to spool or account it)."""

@@ -54,16 +54,6 @@ __all__ = ["Flusher"]
 log = logging.getLogger("telemetrydeck_async")
 
 
-class _Interrupted(Exception):
-    """Raised inside a delivery when the client is closing and its time is up."""
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Fetch an abandoned request's outcome so asyncio does not warn it was never retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
 @attrs.define(eq=False)
 class Flusher:
     """Owns the background task, the in-flight deliveries and the outcome of each answer.
@@ -84,8 +74,10 @@ class Flusher:
     # batch): in-flight counts are read from here, so a signal is never counted twice.
     _deliveries: dict[asyncio.Task[None], list[Batch]] = attrs.field(factory=dict, init=False)
     _slots: asyncio.Semaphore = attrs.field(init=False)
+    # The deliveries waiting on the endpoint (a request, a pause, a backoff), not writing to
+    # the spool: a close whose time to send is spent cancels these at once (_send).
+    _sending: set[asyncio.Task[Any]] = attrs.field(factory=set, init=False)
     _progress: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
-    _interrupt: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _force_until: int = attrs.field(default=0, init=False)
     _parked: deque[Batch] = attrs.field(factory=deque, init=False)
@@ -303,15 +295,8 @@ class Flusher:
 
     async def _deliver_once(self, batch: Batch, deadline: float) -> tuple[Batch, Batch] | None:
         """Send ``batch`` with retries and account it; or return its halves to send instead."""
-        body = batch.payload()
         try:
-            await retry_call(
-                self.config.retry,
-                lambda: self._attempt(body),
-                sleep=self._sleep,
-                deadline=max(deadline - time.monotonic(), 0.001),
-                on_retry=self._on_retry,
-            )
+            await self._send(batch.payload(), deadline)
         except PayloadTooLargeError as exc:
             self.accounting.record_error(exc)
             if len(batch) > 1:
@@ -326,8 +311,6 @@ class Flusher:
             self.accounting.record_error(exc)
             self.health.on_refused(exc, self.transport.url)
             await self._keep(batch)
-        except _Interrupted:
-            await self.link.spill_or_drop(batch, "shutdown")
         except DeliveryError as exc:
             self.accounting.record_error(exc)
             if exc.retryable:
@@ -338,39 +321,36 @@ class Flusher:
             self._on_sent(batch)
         return None
 
-    async def _attempt(self, body: bytes) -> None:
-        await self.health.wait_out_pause(self._sleep)
-        if self._interrupt.is_set():
-            raise _Interrupted
-        # Race the request against close(): once the close budget is spent, an unanswered
-        # request is abandoned and its batch spooled (or dropped) instead of awaited.
-        send = asyncio.ensure_future(self.transport.send(body))
-        interrupt = asyncio.ensure_future(self._interrupt.wait())
+    async def _send(self, body: bytes, deadline: float) -> None:
+        """POST ``body``, retried until ``deadline``; close() may cancel it meanwhile.
+
+        While a delivery waits on the endpoint (a request, a pause, a backoff) it is in
+        ``_sending``: a close whose time to send is spent cancels it, and the delivery hands
+        its batch back (``_deliver``) for close() to spool or drop. Cancelling the task is the
+        whole interrupt: no second task, future or event per request.
+        """
+        task = asyncio.current_task()
+        assert task is not None  # deliveries run in tasks (launch)
+        self._sending.add(task)
         try:
-            done, _ = await asyncio.wait((send, interrupt), return_when=asyncio.FIRST_COMPLETED)
+            await retry_call(
+                self.config.retry,
+                lambda: self._attempt(body),
+                sleep=asyncio.sleep,
+                deadline=max(deadline - time.monotonic(), 0.001),
+                on_retry=self._on_retry,
+            )
         finally:
-            interrupt.cancel()
-            if not send.done():
-                send.cancel()
-                send.add_done_callback(_retrieve)
-        if send not in done:
-            raise _Interrupted
+            self._sending.discard(task)
+
+    async def _attempt(self, body: bytes) -> None:
+        await self.health.wait_out_pause(asyncio.sleep)
         try:
-            send.result()
+            await self.transport.send(body)
         except RetryableStatusError as exc:
             if exc.status in PAUSING_STATUSES:
                 self.health.pause(exc)
             raise
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep that a closing client cuts short (by raising ``_Interrupted``)."""
-        if self._interrupt.is_set():
-            raise _Interrupted
-        try:
-            await asyncio.wait_for(self._interrupt.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            return
-        raise _Interrupted
 
     def _on_retry(self, exc: BaseException, wait: float) -> None:
         self.accounting.record_retry()
@@ -460,7 +440,11 @@ class Flusher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.link.stop_recovering()
-        self._interrupt.set()
+        # The time to send is spent: requests, pauses and backoffs end now. Each cancelled
+        # delivery hands its batch back (parked, spooled or dropped below); the ones writing
+        # to the spool get the rest of the budget to finish.
+        for task in self._sending:
+            task.cancel()
         if self._deliveries:
             _, still = await asyncio.wait(
                 list(self._deliveries), timeout=max(end - loop.time(), 0.05)

@@ -108,7 +108,7 @@ class EndpointHealth:
             )
 
     async def wait_out_pause(self, sleep: Callable[[float], Awaitable[None]]) -> None:
-        """Sleep (with the flusher's interruptible ``sleep``) until no pause is in force."""
+        """Sleep until no pause is in force (a closing client cancels the wait)."""
         while (left := self._pause_until - time.monotonic()) > 0:
             await sleep(left)
 

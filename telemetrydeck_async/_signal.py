@@ -15,7 +15,7 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring as _json_str
 from typing import Any, Final, NamedTuple, cast
 
@@ -27,6 +27,7 @@ try:
     # The optional accelerator (``pip install 'telemetrydeck-async[fast]'``): a C JSON encoder
     # about ten times faster than the stdlib's on a payload. Used only where its output is
     # byte for byte the stdlib's (tests/pipeline/test_encoding.py checks it with hypothesis).
+    from orjson import Fragment as _OrjsonFragment
     from orjson import dumps as _orjson_dumps
 except ImportError:  # pragma: no cover - exercised by the suite run without the extra
     _orjson_dumps = None  # type: ignore[assignment]  # the stdlib path is used
@@ -39,7 +40,9 @@ __all__ = [
     "Signal",
     "UserHasher",
     "check_utf8",
+    "encode_batch",
     "encode_signal",
+    "fast_encoding",
     "format_received_at",
     "lone_surrogate",
     "new_signal",
@@ -308,13 +311,16 @@ class SharedPayload:
     #: ``fragment`` as UTF-8, and its length: what it adds to each signal, in bytes.
     fragment_bytes: bytes = b""
     size: int = 0
+    #: True when no value is a float: orjson then writes ``items`` exactly as the stdlib does.
+    floatless: bool = True
 
     @classmethod
     def of(cls, items: Mapping[str, PayloadValue]) -> SharedPayload:
         """Encode ``items`` once."""
         fragment = _encode_object(dict(items))[1:-1]
         encoded = fragment.encode()
-        return cls(dict(items), fragment, encoded, len(encoded))
+        floatless = float not in map(type, items.values())
+        return cls(dict(items), fragment, encoded, len(encoded), floatless)
 
 
 class Signal(NamedTuple):
@@ -528,6 +534,70 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
         except TypeError:  # a field that is not a str: let the reference path encode or refuse it
             pass
     return _ENCODER.encode(signal.to_json(app_id)).encode()
+
+
+def fast_encoding() -> bool:
+    """True when the ``fast`` extra (orjson) is installed: :func:`encode_batch` can be used."""
+    return _orjson_dumps is not None
+
+
+def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes | None:
+    """The request body for ``signals`` in one orjson call; None when the caller must not use it.
+
+    Byte for byte ``b"[" + b",".join(encode_signal(s, app_id) for s in signals) + b"]"``
+    (tests/pipeline/test_encoding.py checks it with hypothesis), at a fraction of the cost:
+    one C call for the whole array instead of a Python join per signal. A signal whose bytes
+    orjson might write differently (a float anywhere: orjson writes ``1e-7`` for ``1e-07``) is
+    encoded by :func:`encode_signal` and placed as is (``orjson.Fragment``). None, and the
+    caller encodes signal by signal, without the ``fast`` extra or when a value is refused.
+    """
+    dumps = _orjson_dumps
+    if dumps is None:
+        return None
+    fragment = _OrjsonFragment
+    millis_text = _MILLIS
+    last, text = _last_second
+    items: list[Any] = []
+    add = items.append
+    try:
+        for signal in signals:
+            signal_type, user, session, test_mode, own, float_value, at, shared = signal
+            if (
+                float_value is not None
+                or type(test_mode) is not bool
+                or float in map(type, own.values())
+                or (shared is not None and not shared.floatless)
+            ):
+                add(fragment(encode_signal(signal, app_id)))
+                continue
+            if shared is not None:
+                own = {**shared.items, **own}
+            elif type(own) is not dict:
+                own = dict(own)  # a read-only mapping (no payload): orjson takes dicts
+            # format_received_at, inline: the date and time are formatted once per second.
+            seconds = int(at)
+            millis = int((at - seconds) * 1000)
+            if seconds == last and 0 <= millis < 1000:
+                stamp = text + millis_text[millis]
+            else:
+                stamp = format_received_at(at)
+                last, text = _last_second
+            add(
+                {
+                    "appID": app_id,
+                    "clientUser": user,
+                    "sessionID": session,
+                    "type": signal_type,
+                    "isTestMode": test_mode,
+                    "receivedAt": stamp,
+                    "payload": own,
+                }
+            )
+        return dumps(items)
+    except (TypeError, ValueError, OverflowError):
+        # A value orjson refuses (JSONEncodeError is a TypeError), a time that is not finite:
+        # the signal-by-signal path encodes it or raises the reference error.
+        return None
 
 
 # The date and time part of the last second formatted: signals come in bursts within a second,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telemetrydeck_async._signal as signal_module
+from telemetrydeck_async._batcher import Batch, Batcher
 from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
 
 
@@ -168,3 +170,92 @@ def test_odd_field_types_fall_back_to_the_reference() -> None:
     """A non-bool test_mode or an int floatValue is encoded exactly as json.dumps would."""
     signal = Signal("T", "u", "s", 1, {"k": 1}, 2, 1.0)  # type: ignore[arg-type]  # deliberately odd
     assert encode_signal(signal, "app") == reference(signal, "app")
+
+
+def reference_body(signals: list[Signal], app_id: str) -> bytes:
+    """The request body the reference writes: a JSON array of the signals' reference bytes."""
+    return b"[" + b",".join(reference(signal, app_id) for signal in signals) + b"]"
+
+
+needs_orjson = pytest.mark.skipif(
+    signal_module._orjson_dumps is None, reason="orjson is not installed (the 'fast' extra)"
+)
+
+
+# What the client queues: ints within 64 bits (it refuses larger ones), floats too.
+client_values = st.one_of(plain_values, st.floats(allow_nan=False, allow_infinity=False))
+
+
+@needs_orjson
+@settings(max_examples=200, database=None)
+@given(batch=st.lists(signal_strategy(client_values), max_size=6), app_id=text)
+def test_whole_batch_encoding_matches_json_dumps(batch: list[Signal], app_id: str) -> None:
+    """One orjson call for a batch (floats placed as the stdlib wrote them) is the reference."""
+    try:
+        expected = reference_body(batch, app_id)
+    except UnicodeEncodeError:  # a lone surrogate: the batch is left to the per-signal path
+        assert signal_module.encode_batch(batch, app_id) is None
+        return
+    assert signal_module.encode_batch(batch, app_id) == expected
+
+
+@needs_orjson
+def test_whole_batch_encoding_writes_odd_signals_exactly() -> None:
+    """No payload, an odd test_mode, floats, shared floats, a time before 1970: the reference."""
+    batch = [
+        Signal("T", "u", "s", False, {}, None, 1.0),
+        Signal("T", "u", "s", 1, {"k": 1}, 2.5, 2.25),  # type: ignore[arg-type]  # deliberately odd
+        Signal("T", "u", "s", True, {"a": 1e-07}, None, -1.5),
+        Signal("T", "u", "s", False, {"a": "é"}, None, 3.0, SharedPayload.of({"b": 1e16})),
+        Signal("T", "u", "s", False, {"a": 1}, None, 3.999, SharedPayload.of({"b": "x"})),
+    ]
+    assert signal_module.encode_batch(batch, "app") == reference_body(batch, "app")
+    # The client's read-only "no payload" is written as the empty object.
+    empty = Signal("T", "u", "s", False, MappingProxyType({}), None, 1.0)
+    assert signal_module.encode_batch([empty], "app") == reference_body(batch[:1], "app")
+    # A value nothing can encode: the per-signal path raises the reference error instead.
+    unencodable = Signal("T", "u", "s", False, {"a": math.nan}, None, 1.0)
+    assert signal_module.encode_batch([unencodable], "app") is None
+
+
+def _queued(n: int, pad: int = 0) -> list[Signal]:
+    shared = SharedPayload.of({"TelemetryDeck.SDK.name": "x"})
+    return [
+        Signal("T", f"u{i % 3}", "s", False, {"i": i, "p": "p" * pad}, None, 1e9 + i / 7, shared)
+        for i in range(n)
+    ]
+
+
+def _take_all(batcher: Batcher, signals: list[Signal]) -> list[Batch]:
+    for signal in signals:
+        assert batcher.put(signal)
+    return batcher.drain()
+
+
+@needs_orjson
+def test_batches_encoded_whole_carry_the_same_bodies_times_and_halves() -> None:
+    """A batch encoded in one call makes, when asked, the per-signal bodies and times."""
+    signals = _queued(250)
+    batches = _take_all(Batcher("app", 100, 1 << 20, 1000), signals)
+    assert [len(b) for b in batches] == [100, 100, 50]
+    assert [b.seq for b in batches] == [0, 100, 200]
+    expected = [reference(signal, "app") for signal in signals]
+    assert b"".join(b.payload() for b in batches) == b"".join(
+        reference_body(signals[k : k + 100], "app") for k in (0, 100, 200)
+    )
+    assert [body for b in batches for body in b.bodies] == expected
+    assert [t for b in batches for t in b.received_at] == [s.received_at for s in signals]
+    first, second = batches[0].split()  # a 413 or 400: the halves are sent on their own
+    assert first.payload() + second.payload() == (
+        reference_body(signals[:50], "app") + reference_body(signals[50:100], "app")
+    )
+
+
+def test_byte_budget_is_kept_whichever_way_a_batch_is_encoded() -> None:
+    """Past max_batch_bytes the batch is cut signal by signal: no body over the limit, none lost."""
+    signals = _queued(40, pad=300)
+    batches = _take_all(Batcher("app", 100, 4096, 1000), signals)
+    assert len(batches) > 1
+    assert all(len(b.payload()) <= 4096 for b in batches)
+    assert [body for b in batches for body in b.bodies] == [reference(s, "app") for s in signals]
+    assert sum(len(b) for b in batches) == 40
