@@ -38,7 +38,7 @@ from ._config import (
     disabled_by_env,
     options_from_env,
 )
-from ._flusher import Flusher
+from ._flusher import Flusher, take_back
 from ._identity import default_user_path, load_or_create_default_user
 from ._parameters import sdk_parameters
 from ._presets import NEW_INSTALL_DETECTED, SESSION_STARTED, Presets
@@ -59,7 +59,7 @@ from ._signal import (
     validate_float_value,
     validate_type,
 )
-from ._stats import Accounting, FlushResult, Stats, decode_bodies
+from ._stats import Accounting, FlushResult, Stats
 from ._transport import Transport
 from .exceptions import (
     ClientClosedError,
@@ -284,6 +284,10 @@ class TelemetryClient(Presets):
             transport=self._make_transport(config),
             accounting=self._accounting,
         )
+        # The pipeline's way in, bound once: the hot path makes no extra call to reach it.
+        self._enqueue = self._flusher.admit
+        # A loop callback is scheduled to queue what other threads handed over.
+        self._drain_scheduled = False
 
     def _make_transport(self, config: ClientConfig) -> Transport:
         """The HTTP edge the flusher sends through.
@@ -808,13 +812,6 @@ class TelemetryClient(Presets):
                 self._enqueue_anywhere(signal)
         return user
 
-    def _enqueue(self, signal: Signal, spool_id: int | None = None) -> bool:
-        self._accounting.record_enqueued()
-        if self._batcher.put(signal, spool_id):
-            return True
-        self._flusher.link.overflow(signal, spool_id)
-        return False
-
     async def _submit(self, signal: Signal) -> None:
         """The awaiting path: write ahead (durability "always"), wait for room, enqueue."""
         spool_id = None
@@ -1028,7 +1025,13 @@ class TelemetryClient(Presets):
             self._enqueue_anywhere(signal)
 
     def _enqueue_anywhere(self, signal: Signal) -> None:
-        """Enqueue on the loop thread directly, from any other thread through the loop."""
+        """Enqueue on the loop thread directly; from any other thread, hand it over.
+
+        Other threads append to the flusher's inbox (``deque.append`` is atomic) and schedule
+        one loop callback per burst, not one per signal: a busy loop is not flooded with
+        callbacks. A close that began meanwhile takes what is in the inbox, or the caller takes
+        its signal back and is told: every call that returns is in the books.
+        """
         loop = self._loop
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -1037,22 +1040,26 @@ class TelemetryClient(Presets):
         if loop is None or running is loop:
             self._enqueue(signal)
             return
-        try:
-            loop.call_soon_threadsafe(self._enqueue_handed_over, signal)
-        except RuntimeError:  # the loop is closed
-            raise ClientClosedError(
-                "this TelemetryClient's event loop has ended; the signal was not queued"
-            ) from None
+        flusher = self._flusher
+        inbox = flusher.handed_over
+        inbox.append(signal)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            try:
+                loop.call_soon_threadsafe(self._take_handed_over)
+            except RuntimeError:  # the loop is closed: nothing will take the inbox from it
+                self._drain_scheduled = False
+                take_back(inbox, signal, "this TelemetryClient's event loop has ended")
+                return
+        # Read after the append: a close that began later takes this signal with the inbox;
+        # one that began earlier may have missed it, and then it is this caller's to take back.
+        if self._closed or flusher.stopping or loop.is_closed():
+            take_back(inbox, signal, _CLOSED)
 
-    def _enqueue_handed_over(self, signal: Signal) -> None:
-        # On the loop. After aclose() began nothing will send the queue again: count the
-        # signal and drop it rather than leave it pending forever.
-        if self._closed:
-            self._accounting.record_enqueued()
-            body = encode_signal(signal, self._config.app_id)
-            self._accounting.record_dropped("shutdown", 1, lambda: decode_bodies([body]))
-            return
-        self._enqueue(signal)
+    def _take_handed_over(self) -> None:
+        """On the loop: queue what other threads handed over (see ``_enqueue_anywhere``)."""
+        self._drain_scheduled = False
+        self._flusher.take_handed_over()
 
     # ----------------------------------------------------------------------------- presets
 

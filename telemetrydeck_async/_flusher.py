@@ -36,6 +36,7 @@ from ._batcher import Batch, Batcher
 from ._config import ClientConfig
 from ._health import PAUSING_STATUSES, EndpointHealth, describe_wait
 from ._retry import retry_call
+from ._signal import Signal, encode_signal
 from ._spool import Spool, SpoolRecord
 from ._spool_link import SpoolLink
 from ._stats import Accounting, FlushResult, decode_bodies
@@ -43,13 +44,14 @@ from ._transport import Transport
 from .exceptions import (
     AuthenticationError,
     CertificateError,
+    ClientClosedError,
     DeliveryError,
     PayloadTooLargeError,
     RejectedError,
     RetryableStatusError,
 )
 
-__all__ = ["Flusher"]
+__all__ = ["Flusher", "take_back"]
 
 log = logging.getLogger("telemetrydeck_async")
 
@@ -81,11 +83,47 @@ class Flusher:
     _stopping: bool = attrs.field(default=False, init=False)
     _force_until: int = attrs.field(default=0, init=False)
     _parked: deque[Batch] = attrs.field(factory=deque, init=False)
+    #: Signals other threads handed over (``signal_threadsafe()``) that the loop has not queued
+    #: yet; the loop takes them in one callback per burst. Here rather than in the client, so
+    #: that a close and the exit hook, which hold the pipeline, count them too.
+    handed_over: deque[Signal] = attrs.field(factory=deque, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
         self.health = EndpointHealth(self.config, self.accounting)
         self.link = SpoolLink(self.config, self.accounting)
+
+    # ----------------------------------------------------------------------------- intake
+
+    def admit(self, signal: Signal, spool_id: int | None = None) -> bool:
+        """Queue a validated signal, counted as enqueued; spill or drop it when the queue is full.
+
+        The pipeline's one way in (the client binds it as its ``_enqueue``). False: the queue
+        was full and the signal went to the spool's overflow (or was dropped).
+        """
+        self.accounting.record_enqueued()
+        if self.batcher.put(signal, spool_id):
+            return True
+        self.link.overflow(signal, spool_id)
+        return False
+
+    def take_handed_over(self) -> None:
+        """On the loop: queue the signals other threads handed over.
+
+        Once the flusher is stopping nothing sends the queue for long, so each is counted and
+        dropped (``shutdown``) instead; the close itself queues those handed over before it.
+        """
+        inbox = self.handed_over
+        if not self._stopping:
+            while inbox:
+                self.admit(inbox.popleft())
+            return
+        bodies = []
+        while inbox:
+            self.accounting.record_enqueued()
+            bodies.append(encode_signal(inbox.popleft(), self.config.app_id))
+        if bodies:
+            self.accounting.record_dropped("shutdown", len(bodies), lambda: decode_bodies(bodies))
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -428,6 +466,9 @@ class Flusher:
         """
         before = self._counts()
         self._stopping = True
+        # Handed over before the close began: sent (or spooled) by it like any queued signal.
+        while self.handed_over:
+            self.admit(self.handed_over.popleft())
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         # Keep a little of the budget to spool what could not be sent.
@@ -490,6 +531,12 @@ class Flusher:
         loop. ``why`` ends the log lines (what the user should do differently).
         """
         before = self._counts()
+        # Stopping first: a thread handing a signal over from now on takes it back itself.
+        self._stopping = True
+        handed = []
+        while self.handed_over:
+            handed.append(self.handed_over.popleft())
+        self.accounting.record_enqueued(len(handed))
         overflow = self.link.take_overflow()
         batches = [
             batch
@@ -498,6 +545,11 @@ class Flusher:
                 *(b for todo in self._deliveries.values() for b in todo),
                 *self.batcher.drain(),
                 overflow,
+                Batch(
+                    [encode_signal(signal, self.config.app_id) for signal in handed],
+                    [signal.received_at for signal in handed],
+                    -1,
+                ),
             ]
             if not batch.recovered and batch.bodies
         ]
@@ -538,3 +590,21 @@ class Flusher:
             dropped={k: v for k, v in delta.items() if v},
             pending=self.pending,
         )
+
+
+def take_back(inbox: deque[Signal], signal: Signal, why: str) -> None:
+    """A close raced the hand-over of ``signal``: refuse it, unless the loop already took it.
+
+    Still in ``inbox``: nobody counted it, and once the loop has stopped nobody will; it is
+    removed and the caller told (``ClientClosedError``), as any call on a closed client is.
+    Gone: the loop or the close took it, and it is in the books (sent, spooled, or dropped
+    with reason ``shutdown``).
+    """
+    while True:
+        try:
+            inbox.remove(signal)
+        except ValueError:
+            return
+        except RuntimeError:  # "deque mutated during remove()": nothing was removed; again
+            continue
+        raise ClientClosedError(f"{why}; the signal was not queued")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import concurrent.futures
 import functools
 import inspect
@@ -238,9 +237,6 @@ class SyncTelemetryClient:
         self._pid = -1
         self._closed = False
         self._close_result: FlushResult | None = None
-        #: Signals built in callers' threads, waiting for the loop (see _hand_over).
-        self._inbox: collections.deque[Signal] = collections.deque()
-        self._drain_scheduled = False
         config = self._client.config
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
         _facades.add(self)
@@ -335,9 +331,6 @@ class SyncTelemetryClient:
         _lifecycle.keep_inherited(self._loop, self._thread)
         self._loop = self._thread = None
         self._pid = -1
-        # The parent's hand-overs are the parent's to send.
-        self._inbox = collections.deque()
-        self._drain_scheduled = False
 
     def _call(self, coro: Coroutine[Any, Any, _T], wait: float | None) -> _T:
         """Run ``coro`` on the loop and wait for it (at most ``wait`` seconds)."""
@@ -399,29 +392,9 @@ class SyncTelemetryClient:
         if self._write_ahead and threading.current_thread() is not self._thread:
             self._hand_over_to_disk(client, signal)
             return
-        if threading.current_thread() is self._thread:
-            client._enqueue_anywhere(signal)  # a callback on the loop: queue directly
-            return
-        # Hand over through an inbox that the loop drains: one wake-up of the loop (a
-        # syscall, and the loop thread competing for the GIL) per burst, not per signal.
-        # deque.append is atomic; the flag is set before the drain is scheduled and cleared
-        # by the drain before it reads the inbox, so no signal is ever left behind.
-        inbox = self._inbox
-        inbox.append(signal)
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            loop = self._loop
-            assert loop is not None
-            try:
-                loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nothing will drain the inbox again
-                self._take_back(inbox, signal, "this SyncTelemetryClient's event loop has ended")
-                return
-        # Read after the append: a close() that began later drains the inbox on the loop
-        # before it closes the client, so this signal is queued there. One that began
-        # earlier may have missed it: then it is this caller's to take back (see _take_back).
-        if self._closed:
-            self._take_back(inbox, signal, "this SyncTelemetryClient is closed")
+        # On the loop's thread it is queued at once; from any other, handed over through the
+        # pipeline's inbox, one loop wake-up per burst, and never left uncounted by a close.
+        client._enqueue_anywhere(signal)
 
     def _hand_over_to_disk(self, client: TelemetryClient, signal: Signal) -> None:
         """durability="always": queue on the loop and wait (bounded) until it is on disk."""
@@ -446,38 +419,6 @@ class SyncTelemetryClient:
         except concurrent.futures.TimeoutError:
             # Still being written, and counted: the caller is not held any longer.
             log.warning("a signal was not on disk within %g s; not waiting longer", wait)
-
-    @staticmethod
-    def _take_back(inbox: collections.deque[Signal], signal: Signal, why: str) -> None:
-        """A close raced this hand-over: refuse the signal, unless the loop already took it.
-
-        Still in the inbox: nobody counted it, and once the loop has stopped nobody will; it
-        is removed and the caller told, as any call on a closed client is. Gone: a drain
-        queued it (it is in the books, sent or dropped with reason ``shutdown``).
-        """
-        while True:
-            try:
-                inbox.remove(signal)
-            except ValueError:
-                return
-            except RuntimeError:  # "deque mutated during remove()": nothing removed, again
-                continue
-            raise ClientClosedError(f"{why}; the signal was not queued")
-
-    def _drain(self) -> None:
-        """On the loop: queue everything handed over (counted as dropped once closed)."""
-        self._drain_scheduled = False
-        inbox, take = self._inbox, self._inbox.popleft
-        enqueue = self._client._enqueue_handed_over
-        while inbox:
-            enqueue(take())
-
-    async def _close_on_loop(self, timeout: float) -> FlushResult:
-        """On the loop: queue what callers handed over before the close, then close."""
-        # close() set _closed first: every hand-over that missed it is in the inbox now, and
-        # is sent (or spooled) by the close like any queued signal.
-        self._drain()
-        return await self._client.aclose(timeout)
 
     error = _sync_preset(Presets.error)
     navigation = _sync_preset(Presets.navigation)
@@ -573,7 +514,7 @@ class SyncTelemetryClient:
             else:
                 bound = self._client.config.close_timeout if timeout is None else timeout
                 try:
-                    result = self._call(self._close_on_loop(bound), _wait_bound(bound))
+                    result = self._call(self._client.aclose(bound), _wait_bound(bound))
                 except concurrent.futures.TimeoutError:
                     log.warning("the SyncTelemetryClient's close did not end in time")
                     result = FlushResult(sent=0, spooled=0, dropped={}, pending=self.stats.pending)

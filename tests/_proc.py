@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,19 @@ def script_env(**extra: str) -> dict[str, str]:
     env.pop("TELEMETRYDECK_DISABLED", None)
     env.update(extra)
     return env
+
+
+def run_script(name: str, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<name>`` with ``args`` to its end (bounded), output captured."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=script_env(),
+        cwd=str(REPO),
+        check=False,
+    )
 
 
 class Proc:

@@ -24,14 +24,8 @@ def run(
     mode: str, base_url: str, spool_dir: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run one mode of the script to its end (bounded)."""
-    return subprocess.run(
-        [sys.executable, SCRIPT, mode, base_url, str(spool_dir) if spool_dir else "-"],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        env=_proc.script_env(),
-        cwd=str(_proc.REPO),
-        check=False,
+    return _proc.run_script(
+        "sync_jobs.py", mode, base_url, str(spool_dir) if spool_dir else "-", timeout=BOUND
     )
 
 

@@ -122,7 +122,8 @@ async def test_a_signal_handed_over_after_aclose_began_is_counted_as_dropped(
     await td.start()
     late = td._build("App.tick", None, None, None, None, None)
     await td.aclose()
-    td._enqueue_handed_over(late)
+    td._flusher.handed_over.append(late)
+    td._take_handed_over()
     stats = td.stats
     assert (stats.enqueued, dict(stats.dropped), stats.pending) == (1, {"shutdown": 1}, 0)
 
