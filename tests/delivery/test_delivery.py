@@ -12,6 +12,7 @@ import logging
 import time
 import tracemalloc
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from telemetrydeck_async.exceptions import (
     RejectedError,
     RetryableStatusError,
 )
-from tests.helpers import FAST_RETRY, ClientFactory
+from tests.helpers import FAST_RETRY, ClientFactory, balanced, spool_client
 
 #: Part of the fast core CI also runs on the installed wheel (oldest and newest Python).
 pytestmark = pytest.mark.core
@@ -426,3 +427,22 @@ async def test_close_during_a_split_accounts_each_signal_once(
     assert set(stats.dropped) <= {"shutdown"}
     assert result.pending == 0
     assert_books_balance(td)
+
+
+async def test_a_request_cut_short_by_aclose_is_spooled_and_sent_by_the_next_client(
+    emulator: IngestEmulator, tmp_path: Path
+) -> None:
+    """A batch whose request still hangs when aclose() runs out of time goes to the spool."""
+    emulator.faults.delay = 60
+    td = spool_client(emulator.base_url, tmp_path, request_timeout=30, batch_size=20)
+    await send_numbered(td, 50)
+    await td.flush(timeout=0.3)  # two batches go out and hang; the rest stays queued
+    assert td.stats.in_flight > 0
+    result = await asyncio.wait_for(td.aclose(timeout=1.0), timeout=30)
+    assert (result.spooled, dict(result.dropped), result.pending) == (50, {}, 0)
+    assert balanced(td.stats)
+    emulator.faults.delay = 0
+    async with spool_client(emulator.base_url, tmp_path) as again:
+        assert await emulator.wait_for_signals(50, timeout=30)
+    assert emulator.distinct_ids() == set(range(50))
+    assert again.stats.recovered == 50
