@@ -267,7 +267,7 @@ async def _spooled_ids(spool_dir: Path) -> set[int]:
         await spool.release([record_id for record_id, _ in claim.records])
     finally:
         await spool.close()
-    return {json.loads(body)["payload"]["Test.id"] for _, body in claim.records}
+    return {json.loads(body)["payload"]["Test.id"] for body in claim.bodies()}
 
 
 async def _crash_trial(
