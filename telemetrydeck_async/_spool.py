@@ -187,6 +187,12 @@ _MAX_STATEMENT_BYTES: Final = 2**20
 #: crc32 is computed over slices of this size: ``zlib`` lets go of the GIL for longer inputs,
 #: and beside a busy event loop taking it back costs up to the switch interval.
 _CRC_SLICE: Final = 4096
+#: Seconds a reading of plenty of free disk space is reused (see ``_Store.tight``).
+_ROOM_REUSE: Final = 1.0
+#: Seconds the worker waits after the first overflow chunk arrives, so that a burst is written
+#: in a few large transactions: each statement costs a GIL hand-off, and beside a loop that
+#: does not yield each hand-off costs up to the switch interval (and the caller a wake-up).
+_HANDOVER_GATHER: Final = 0.02
 #: The same problem is logged at most once per this many seconds.
 _LOG_INTERVAL: Final = 60.0
 #: Keep the WAL file from staying huge after a burst.
@@ -739,6 +745,10 @@ class _Store:
         self.dest_id: int | None = None
         # Set before a write transaction while the disk is nearly full; None: plenty of room.
         self.room: _Room | None = None
+        # The last "plenty" reading of free space (less what was written since), and until
+        # when it may be reused (see ``tight``).
+        self.roomy = 0.0
+        self.roomy_until = -math.inf
 
     # -- opening, repairing, closing
 
@@ -835,6 +845,7 @@ class _Store:
         sync = "FULL" if self.settings.durability == "always" else "NORMAL"
         conn.execute(f"PRAGMA synchronous = {sync}")
         conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA temp_store = MEMORY")
         if check:
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
@@ -1046,11 +1057,30 @@ class _Store:
 
     def tight(self, incoming: int) -> int | None:
         """The free disk space when it is nearly full for a write of ``incoming`` body bytes;
-        None while there is plenty (or it cannot be known)."""
-        free = _free_space(self.settings.directory)
-        if free is None or free >= 2 * _PAGE_FACTOR * incoming + _DISK_RESERVE + _TIGHT_DISK:
+        None while there is plenty (or it cannot be known).
+
+        With plenty the figure is reused for up to a second, less what was written since:
+        ``statvfs`` lets go of the GIL, and beside a busy event loop every time the thread
+        takes it back costs up to the switch interval. A write that still finds the disk full
+        forgets it (:meth:`forget_room`) and measures again.
+        """
+        use = 2 * _PAGE_FACTOR * incoming
+        need = use + _DISK_RESERVE + _TIGHT_DISK
+        now = time.monotonic()
+        if now < self.roomy_until and self.roomy >= need:
+            self.roomy -= use
             return None
+        free = _free_space(self.settings.directory)
+        if free is None:
+            return None
+        if free >= need:
+            self.roomy, self.roomy_until = free - use, now + _ROOM_REUSE
+            return None
+        self.forget_room()
         return free
+
+    def forget_room(self) -> None:
+        self.roomy_until = -math.inf
 
     def truncate_wal(self) -> bool:
         """``wal_checkpoint(TRUNCATE)``: True when the WAL was folded in and emptied."""
@@ -1146,15 +1176,17 @@ class _Store:
         ]
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
         """INSERT ``rows`` with as few statements as SQLite's variable limit allows.
 
         Not ``executemany``: it runs one statement per row, and each one gives the GIL back
         and waits to take it again. Beside a busy event loop that wait is the interpreter's
         switch interval (5 ms), which held a burst to under 1,000 rows/s; one statement for
         thousands of rows keeps the same burst at tens of thousands per second. A statement
-        binds at most about ``_MAX_STATEMENT_BYTES`` of bodies (see there).
+        binds at most about ``_MAX_STATEMENT_BYTES`` of bodies (see there). Returns the id of
+        the last row (the cursor knows it: asking SQLite would be one more hand-off).
         """
+        last = 0
         per = max(1, _variable_limit(conn) // 8)
         start = 0
         while start < len(rows):
@@ -1164,12 +1196,14 @@ class _Store:
                 size += rows[end][1]
                 end += 1
             chunk = rows[start:end]
-            conn.execute(
+            cursor = conn.execute(
                 "INSERT INTO records (received_at, size, crc, owner, body, dest, count, sizes)"
                 " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
             )
+            last = cursor.lastrowid or 0
             start = end
+        return last
 
     def _count(self, records: int, nbytes: int) -> None:
         self._conn().execute(
@@ -1230,11 +1264,10 @@ class _Store:
         rows = self._rows(records[skip:], owner, key)
         if not rows:
             return AppendResult((), 0, evicted, rejected)
-        self._insert(conn, rows)
+        last = self._insert(conn, rows)
         signals = sum(counts[skip:])
         self._count(signals, incoming)
         # We hold the write lock and AUTOINCREMENT hands out consecutive ids within it.
-        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
         ids = tuple(range(last - len(rows) + 1, last + 1))
         return AppendResult(ids, 0, evicted, rejected, signals)
 
@@ -1256,9 +1289,8 @@ class _Store:
             return [self.append(records, owner) for records, owner in batches]
         key = self.own_dest()
         rows = [row for records, owner in batches for row in self._rows(records, owner, key)]
-        self._insert(conn, rows)
+        last = self._insert(conn, rows)
         self._count(sum(row[6] for row in rows), incoming)
-        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
         first = last - len(rows) + 1
         results = []
         for records, _ in batches:
@@ -1739,6 +1771,10 @@ class _Job(Generic[_T]):
     done: threading.Event | None = None
 
 
+class _OneByOne(Exception):
+    """The disk is nearly full: run this group of jobs one transaction each."""
+
+
 @attrs.define
 class _Stop:
     """Tells the worker thread to finish: mark the owner closed (or not, ``crash``) and exit."""
@@ -1886,6 +1922,8 @@ class _Worker:
                     break
             else:
                 item = self.queue.get(timeout=_CHECKPOINT_INTERVAL if store.dirty else None)
+                if isinstance(item, _Job) and item.handover:
+                    time.sleep(_HANDOVER_GATHER)  # let a burst's next chunks arrive
             items.append(item)
             incoming += _appended_bytes(item)
         return items
@@ -1922,13 +1960,6 @@ class _Worker:
             return
         store = self.store
         incoming = sum(_appended_bytes(job) for job in jobs)
-        if incoming and len(jobs) > 1 and store.tight(incoming) is not None:
-            # A nearly full disk: what one transaction may add is what is free, so a large
-            # group would refuse its newest appends. One transaction per job instead: each
-            # evicts the oldest records to make room for its own, in the order given.
-            for job in jobs:
-                self._run_jobs([job])
-            return
         try:
             store.ensure_current()
             if all(job.readonly for job in jobs):
@@ -1936,6 +1967,13 @@ class _Worker:
                     results = self._execute(jobs)
             else:
                 results = self._write(jobs, incoming)
+        except _OneByOne:
+            # A nearly full disk: what one transaction may add is what is free, so a large
+            # group would refuse its newest appends. One transaction per job instead: each
+            # evicts the oldest records to make room for its own, in the order given.
+            for job in jobs:
+                self._run_jobs([job])
+            return
         except Exception as exc:
             self._failed(exc)
             results = [job.fallback for job in jobs]
@@ -1959,6 +1997,8 @@ class _Worker:
         store = self.store
         for attempt in (1, 2):
             store.measure_room(incoming)
+            if store.room is not None and incoming and len(jobs) > 1:
+                raise _OneByOne
             try:
                 with store.transaction():
                     results = self._execute(jobs)
@@ -1967,6 +2007,7 @@ class _Worker:
             except sqlite3.Error as exc:
                 if attempt == 2 or not _is_full(exc):
                     raise
+                store.forget_room()
                 _log.debug("spool %s full; making room and trying once more", store.path)
         raise AssertionError("unreachable")  # pragma: no cover
 
