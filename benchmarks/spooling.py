@@ -241,10 +241,11 @@ async def _spill_run(
                 await asyncio.sleep(0)  # a service's loop turns between requests
         out["caller"] = n / (time.perf_counter() - t0)
 
-        # Overflow still in memory counts in queue_depth beside the (full) queue: settled
-        # once only the queue is left. Polled: the client has no event for it.
+        # Overflow still in memory counts in queue_depth beside the (full) queue and the one
+        # signal a cut batch carries over: settled once only those are left. Polled: the
+        # client has no event for it.
         def settled() -> bool:
-            return td.stats.queue_depth <= SPILL_QUEUE
+            return td.stats.queue_depth <= SPILL_QUEUE + 1
 
         deadline = time.perf_counter() + 120
         while not settled() and time.perf_counter() < deadline:  # noqa: ASYNC110

@@ -180,7 +180,8 @@ _MAX_JOBS_PER_TRANSACTION: Final = 1024
 #: ... and at most about this many bytes of appended bodies. Large, because beside a caller that
 #: never yields each statement costs up to the interpreter's switch interval (5 ms) to get the
 #: GIL back: few statements per megabyte are what lets the disk absorb a burst while it happens.
-_MAX_TRANSACTION_BYTES: Final = 16 * 2**20
+#: Well under the client's overflow bound (32 MiB), which counts what is being written.
+_MAX_TRANSACTION_BYTES: Final = 8 * 2**20
 #: Body bytes bound in one INSERT. SQLite copies every bound blob while the worker holds the GIL:
 #: a megabyte is a fraction of a millisecond, so the event loop never waits long for it.
 _MAX_STATEMENT_BYTES: Final = 2**20
@@ -189,10 +190,6 @@ _MAX_STATEMENT_BYTES: Final = 2**20
 _CRC_SLICE: Final = 4096
 #: Seconds a reading of plenty of free disk space is reused (see ``_Store.tight``).
 _ROOM_REUSE: Final = 1.0
-#: Seconds the worker waits after the first overflow chunk arrives, so that a burst is written
-#: in a few large transactions: each statement costs a GIL hand-off, and beside a loop that
-#: does not yield each hand-off costs up to the switch interval (and the caller a wake-up).
-_HANDOVER_GATHER: Final = 0.02
 #: The same problem is logged at most once per this many seconds.
 _LOG_INTERVAL: Final = 60.0
 #: Keep the WAL file from staying huge after a burst.
@@ -1922,8 +1919,6 @@ class _Worker:
                     break
             else:
                 item = self.queue.get(timeout=_CHECKPOINT_INTERVAL if store.dirty else None)
-                if isinstance(item, _Job) and item.handover:
-                    time.sleep(_HANDOVER_GATHER)  # let a burst's next chunks arrive
             items.append(item)
             incoming += _appended_bytes(item)
         return items

@@ -5,13 +5,16 @@ One :class:`SpoolLink` per client, created by the flusher whether or not ``spool
 
 * opening the spool in the background at start, and closing it last at close;
 * durability ``"always"``: the write-ahead of each signal before ``signal()`` returns;
-* the overflow writer: signals that did not fit in the queue, encoded, wait in a bounded
-  buffer for one background task that appends them in chunks;
+* the overflow: signals that did not fit in the queue are encoded and gathered into chunks
+  (one batch each) in the caller's own call; a full chunk goes straight to the spool's thread
+  (no turn of the event loop needed), and its outcome is booked when the loop next turns.
+  Memory is bounded: past it, the oldest chunk the thread has not begun to write is dropped;
 * ``spill_or_drop``: a batch that cannot be sent now goes to disk, or, without a spool, is
   dropped; ``drop`` and ``forget`` delete what of a finished batch is on disk;
-* recovery: spooled signals are claimed and handed to the flusher's send loop whenever the
-  endpoint's health allows; the same loop renews this process's lease and reads the spool's
-  figures for ``stats``.
+* recovery: spooled records are claimed and handed to the flusher's send loop whenever the
+  endpoint's health allows (a chunk is a ready batch); a record is acked once every one of its
+  signals is final, or released whole; the same loop renews this process's lease and reads
+  the spool's figures for ``stats``.
 
 The flusher reaches the send side through the small :class:`Sender` protocol; nothing here
 imports the flusher or the client. To change how recovery works, this is the file to open.
@@ -381,8 +384,25 @@ class SpoolLink:
             self._seal()
         # Bounded, chunks with the writer included: a burst from synchronous code can outrun
         # the disk for a moment, but memory stays capped however slow the disk is.
-        while self._overflow_full(0) and self._drop_oldest_overflow():
+        while self._overflow_full(0) and (self._book_written() or self._drop_oldest_overflow()):
             pass
+
+    def _book_written(self) -> bool:
+        """Book the oldest chunks the spool's thread has finished, in this call: a caller that
+        never yields would otherwise see them count against the bound until the loop turns.
+        True when any was booked (their future's callback, later, then does nothing)."""
+        chunks = self._chunks
+        booked = False
+        while chunks:
+            chunk = chunks[0]
+            ticket = chunk.ticket
+            done = None if ticket is None else ticket.done
+            if ticket is None or done is None or not done.is_set() or ticket.outcome is None:
+                break
+            self._finish_chunk(chunk)
+            self._record_stored(chunk.bodies, ticket.outcome, "")
+            booked = True
+        return booked
 
     @property
     def _chunk_budget(self) -> int:
@@ -406,6 +426,7 @@ class SpoolLink:
         )
         gather.clear()
         self._gather_size = 0
+        self._book_written()
         self._chunks.append(chunk)
         self._chunked += len(chunk.bodies)
         spool = self.spool
@@ -452,6 +473,8 @@ class SpoolLink:
         """Drop the oldest overflow that can still be taken back; False when none can."""
         for chunk in self._chunks:
             ticket = chunk.ticket
+            if ticket is not None and ticket.taken:
+                continue  # being written (never taken back): a read of a bool is enough
             if ticket is None or self.spool is None or self.spool.withdraw(ticket):
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(chunk)

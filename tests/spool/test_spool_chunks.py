@@ -218,3 +218,33 @@ async def test_recovered_chunks_split_by_413_or_400_are_delivered_and_acked(
     if fault == "rejected":
         assert stats.spool_dropped == {"rejected": 1}
     assert stats.recovered == len(expected)
+
+
+def rows_on_disk(spool_dir: Path) -> int:
+    """Signals committed to the spool file, read by SQLite (read-only) from this thread."""
+    uri = f"file:{spool_dir / DB_NAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        (count,) = conn.execute("SELECT coalesce(sum(count), 0) FROM records").fetchone()
+    return int(count)
+
+
+async def test_burst_that_never_yields_is_written_while_it_runs(tmp_path: Path) -> None:
+    """signal_nowait() in a loop that never lets the event loop turn: the spool's thread
+    writes the overflow meanwhile (seen on disk before the loop runs again); none dropped."""
+    td = spool_client(f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10)
+    await td.start()
+    assert await wait_until(lambda: td._flusher.link.spool is not None)
+    for i in range(1_000):
+        td.signal_nowait("Chunk.burst", payload={"Test.id": i})
+    # Still inside the burst's turn of the loop: poll the file from this thread, blocking.
+    deadline = time.monotonic() + 60
+    while rows_on_disk(tmp_path) < 900 and time.monotonic() < deadline:
+        time.sleep(0.01)  # noqa: ASYNC251  (the point: the loop must not turn)
+    written_during_burst = rows_on_disk(tmp_path)
+    assert written_during_burst >= 900, "nine full chunks reach the disk without a loop turn"
+    assert balanced(td.stats)
+    await td.aclose(timeout=30)
+    stats = td.stats
+    assert stats.dropped == {}
+    assert stats.spooled == 1_000
+    assert balanced(stats)
