@@ -74,7 +74,9 @@ _SPILL_CHUNK = 1_000
 #: the loop's callers run in between, so preparing a chunk never stalls them for long.
 _SPILL_SLICE = 500
 #: Batches claimed from the spool in one transaction while recovering at full pace.
-_CLAIM_BATCHES = 8
+_CLAIM_BATCHES = 32
+#: Seconds the acks of recovered records are gathered before they go to the spool's thread.
+_ACK_GATHER = 0.01
 #: Seconds an exit without an event loop waits for a chunk the spool's thread is writing.
 _EXIT_WAIT = 2.0
 #: A lease is renewed this many times within its length: two renewals may be missed (a busy
@@ -157,6 +159,8 @@ class SpoolLink:
     # whether any of them was handed back]. A record is acked when every one of its signals
     # reached a final state, else released once none is in flight any more.
     _held: dict[int, list[int]] = attrs.field(factory=dict, init=False)
+    # Recovered records to ack, gathered for _ACK_GATHER seconds.
+    _acks: list[int] = attrs.field(factory=list, init=False)
 
     # ----------------------------------------------------------------------------- open
 
@@ -331,10 +335,24 @@ class SpoolLink:
             if state[0] <= 0:
                 del held[record_id]
                 (releases if state[1] else acks).append(record_id)
-        if acks:
-            self.later(spool.ack(acks))
         if releases:
             self.later(spool.release(releases))
+        if acks:
+            # Gathered for a moment: one transaction of the spool's thread for the acks of
+            # many deliveries (each transaction costs that thread several GIL hand-offs,
+            # which the loop's own socket calls then wait for).
+            if not self._acks:
+                loop = _running_loop()
+                if loop is None:
+                    self.later(spool.ack(acks))
+                    return
+                loop.call_later(_ACK_GATHER, self._send_acks)
+            self._acks += acks
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if acks and self.spool is not None:
+            self.later(self.spool.ack(acks))
 
     def later(self, work: Any) -> None:
         """Run spool work in the background; close() waits for it."""
@@ -737,6 +755,7 @@ class SpoolLink:
         start, or they are sent again. Overflow still being gathered is handed over first.
         """
         self._seal()
+        self._send_acks()
         if self._background and timeout > 0:
             await asyncio.wait(list(self._background), timeout=timeout)
 
@@ -745,6 +764,7 @@ class SpoolLink:
         not take in time, read the last figures and close the spool."""
         loop = asyncio.get_running_loop()
         self._seal()
+        self._send_acks()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
         spool = self.spool
