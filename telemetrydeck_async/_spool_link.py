@@ -75,6 +75,8 @@ _SPILL_CHUNK = 1_000
 _SPILL_SLICE = 500
 #: Batches claimed from the spool in one transaction while recovering at full pace.
 _CLAIM_BATCHES = 32
+#: Seconds a partly gathered overflow chunk waits for more signals before it is written.
+_SEAL_AFTER = 0.05
 #: Seconds the acks of recovered records are gathered before they go to the spool's thread.
 _ACK_GATHER = 0.01
 #: Seconds an exit without an event loop waits for a chunk the spool's thread is writing.
@@ -392,9 +394,10 @@ class SpoolLink:
         ):
             self._seal()
         if not gather and not self._seal_scheduled and (loop := _running_loop()) is not None:
-            # What a burst leaves gathered goes to disk as soon as the loop turns.
+            # What a burst leaves gathered goes to disk shortly after; not at the next turn
+            # of the loop: a service that turns it between requests would write tiny chunks.
             self._seal_scheduled = True
-            loop.call_soon(self._seal_on_turn)
+            loop.call_later(_SEAL_AFTER, self._seal_on_turn)
         gather.append((body, signal.received_at))
         self._gather_size += len(body) + 1
         self._overflow_bytes += len(body) + _ENTRY_BYTES
