@@ -2365,6 +2365,12 @@ class Spool:
         if not self._closed and not self._worker.disabled:
             self._worker.submit(_Job(run, None))
 
+    async def barrier(self) -> None:
+        """Wait until the work queued before this call (``ack``, ``release``) is committed."""
+        self._check_process()
+        # Jobs run in order, and a write transaction commits before results are handed back.
+        await self._call(lambda store: None, None)
+
     async def heartbeat(self) -> None:
         """Renew this owner's lease; call it every ``lease / 3`` seconds.
 

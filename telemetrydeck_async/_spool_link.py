@@ -759,8 +759,18 @@ class SpoolLink:
         """
         self._seal()
         self._send_acks()
-        if self._background and timeout > 0:
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
+        spool = self.spool
+        if spool is not None and not spool.closed and not spool.disabled:
+            # Acks are write-behind (queued, not yet committed): wait until the spool's thread
+            # has committed everything queued so far.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(spool.barrier(), max(end - loop.time(), 0.01))
 
     async def close(self, end: float) -> None:
         """At close, by loop time ``end``: finish background writes, drop what the disk could
