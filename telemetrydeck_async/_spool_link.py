@@ -554,10 +554,6 @@ class SpoolLink:
             depth > 1 and self._overflow_bytes > OVERFLOW_BYTES
         )
 
-    def seal_overflow(self) -> None:
-        """Hand what is being gathered to the spool writer now (``flush()``, close)."""
-        self._seal()
-
     def take_overflow(self) -> Batch:
         """Every overflow signal still in memory, taken out (for an exit without a loop).
 

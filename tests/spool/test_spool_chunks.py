@@ -248,3 +248,19 @@ async def test_burst_that_never_yields_is_written_while_it_runs(tmp_path: Path) 
     assert stats.dropped == {}
     assert stats.spooled == 1_000
     assert balanced(stats)
+
+
+async def test_overflow_before_the_spool_has_opened_waits_for_it(tmp_path: Path) -> None:
+    """A burst in the same turn as start(): the spool cannot be open yet; its chunks wait in
+    memory (pending, bounded) and are written once it is; none dropped."""
+    td = spool_client(f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10)
+    for i in range(500):  # before start(): the client starts itself, the spool opens later
+        td.signal_nowait("Chunk.early", payload={"Test.id": i})
+    assert td._flusher.link.spool is None, "opening needs a turn of the loop and a thread"
+    assert balanced(td.stats)
+    assert td.stats.pending == 500
+    await td.aclose(timeout=30)
+    stats = td.stats
+    assert stats.dropped == {}
+    assert stats.spooled == 500
+    assert balanced(stats)
