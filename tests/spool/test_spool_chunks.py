@@ -22,7 +22,7 @@ from telemetrydeck_async._spool import (
     split_chunk,
 )
 from telemetrydeck_async.devserver import FaultPlan, IngestEmulator
-from tests.helpers import balanced, free_port, spool_client, wait_until
+from tests.helpers import SHORT_DEADLINE, balanced, free_port, spool_client, wait_until
 
 
 def bodies(start: int, count: int) -> list[bytes]:
@@ -190,7 +190,9 @@ async def test_recovered_chunks_split_by_413_or_400_are_delivered_and_acked(
     """Spooled chunks sent to an endpoint that answers 413 (or 400 for one marked signal):
     the halves are delivered, the marked one dropped, and the spool ends empty."""
     port = free_port()
-    down = spool_client(f"http://127.0.0.1:{port}", tmp_path, max_queue_size=10)
+    down = spool_client(
+        f"http://127.0.0.1:{port}", tmp_path, max_queue_size=10, retry=SHORT_DEADLINE
+    )
     await down.start()
     await wait_until(lambda: down._flusher.link.spool is not None)
     for i in range(300):
@@ -231,7 +233,9 @@ def rows_on_disk(spool_dir: Path) -> int:
 async def test_burst_that_never_yields_is_written_while_it_runs(tmp_path: Path) -> None:
     """signal_nowait() in a loop that never lets the event loop turn: the spool's thread
     writes the overflow meanwhile (seen on disk before the loop runs again); none dropped."""
-    td = spool_client(f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10)
+    td = spool_client(
+        f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10, retry=SHORT_DEADLINE
+    )
     await td.start()
     assert await wait_until(lambda: td._flusher.link.spool is not None)
     for i in range(1_000):
@@ -253,7 +257,9 @@ async def test_burst_that_never_yields_is_written_while_it_runs(tmp_path: Path) 
 async def test_overflow_before_the_spool_has_opened_waits_for_it(tmp_path: Path) -> None:
     """A burst in the same turn as start(): the spool cannot be open yet; its chunks wait in
     memory (pending, bounded) and are written once it is; none dropped."""
-    td = spool_client(f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10)
+    td = spool_client(
+        f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10, retry=SHORT_DEADLINE
+    )
     for i in range(500):  # before start(): the client starts itself, the spool opens later
         td.signal_nowait("Chunk.early", payload={"Test.id": i})
     assert td._flusher.link.spool is None, "opening needs a turn of the loop and a thread"
