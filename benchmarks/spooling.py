@@ -3,11 +3,14 @@
 Through the client (``spool_dir`` set, the counting sink as the endpoint):
 
 * ``spill``: the endpoint is down (a loopback port nothing listens on) and ``signal_nowait()``
-  produces N signals; what overflows the default queue is spilled by the client's background
-  writer, the rest at ``aclose()``. Rate: signals spooled per second, first call to closed.
-  The loop-stall probe runs meanwhile;
+  produces N signals from a loop that never yields; what overflows the queue is written by the
+  spool's thread while the burst runs, the rest at ``aclose()``. Rate: signals spooled per
+  second, first call until all that overflowed is on disk; dropped counted. Then the same with
+  the loop turning every ``STALL_YIELD`` signals, while the loop-stall probe runs;
 * recovery: a new client on the same directory with a healthy endpoint sends what was spooled,
   oldest first. Rate: signals recovered and delivered per second, from construction on;
+  compared with the live rate: the same client sending N fresh signals to the same sink
+  (``signal_nowait()`` into a queue that holds them all, then ``flush()``);
 * ``always``: 32 concurrent callers of ``await td.signal()`` (each signal written ahead before
   the call returns), healthy endpoint, then ``flush()``. Rate: signals per second.
 
@@ -53,6 +56,9 @@ APPENDERS = 8
 CLAIM = 500
 CALLERS = 128
 SPILL_QUEUE = 1_000
+#: The stall is probed while the producer lets the loop turn every this many signals: the
+#: probe then sees what spilling adds, not the producer's own slice of work.
+STALL_YIELD = 10
 
 
 def _spool_api() -> tuple[Any, Any] | None:
@@ -201,6 +207,74 @@ async def _spool_runs(
     return out
 
 
+async def _spill_run(
+    n: int, spill_dir: str, down: int, common: dict[str, Any], yield_every: int
+) -> dict[str, Any]:
+    """``n`` signals by ``signal_nowait()`` to an endpoint that is down, with a spool.
+
+    ``yield_every``: the loop turns after that many signals (0: never, until the burst ends).
+    Rates: ``caller``, signals per second through ``signal_nowait()``; ``rate``, signals on
+    disk per second from the first call until everything that overflowed the queue is on disk
+    (or dropped).
+    """
+    from telemetrydeck_async import TelemetryClient
+
+    out: dict[str, Any] = {}
+    td = TelemetryClient(
+        APP_ID,
+        base_url=f"http://127.0.0.1:{down}",
+        spool_dir=spill_dir,
+        max_queue_size=SPILL_QUEUE,  # small, so that nearly all of them overflow to disk
+        **common,
+    )
+    await td.start()
+    # The spool opens in the background; give it time, so the figure is the steady spill rate
+    # (a burst that starts before it is open waits in memory for it).
+    await asyncio.sleep(0.5)
+    probe = LoopProbe()
+    with GcWatch() as gcw:
+        probe.start()
+        t0 = time.perf_counter()
+        for i in range(n):
+            td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
+            if yield_every and i % yield_every == 0:
+                await asyncio.sleep(0)  # a service's loop turns between requests
+        out["caller"] = n / (time.perf_counter() - t0)
+
+        # Overflow still in memory counts in queue_depth beside the (full) queue and the one
+        # signal a cut batch carries over: settled once only those are left. Polled: the
+        # client has no event for it.
+        def settled() -> bool:
+            return td.stats.queue_depth <= SPILL_QUEUE + 1
+
+        deadline = time.perf_counter() + 120
+        while not settled() and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+        elapsed = time.perf_counter() - t0
+        stats = td.stats
+        out["overflowed"] = stats.spooled + stats.dropped_total
+        out["rate"] = stats.spooled / elapsed
+        await probe.stop()
+        t0 = time.perf_counter()
+        await td.aclose(timeout=2.0)
+        out["close"] = time.perf_counter() - t0
+    stats = td.stats
+    out["spooled"] = stats.spooled
+    out["dropped"] = dict(stats.dropped)
+    clean, _dirty = probe.lags_ms(gcw)
+    own, _ = probe.lags_ms(gcw, own_work_only=True)
+    # Each probe sample as (seconds since the burst began, lag in ms), for the chart.
+    first = probe.samples[0][0] if probe.samples else 0.0
+    out["stall_series"] = [
+        (round(start - first, 4), round(lag * 1000, 3)) for start, _end, lag, _cpu in probe.samples
+    ]
+    out["stall_p99"] = percentile(clean, 99)
+    out["stall_max"] = max(clean, default=0.0)
+    out["stall_own_p99"] = percentile(own, 99)
+    out["stall_samples"] = (len(clean), len(_dirty))
+    return out
+
+
 async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     """Spill, recovery and write-ahead through ``TelemetryClient``."""
     from telemetrydeck_async import TelemetryClient
@@ -213,58 +287,36 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     down = closed_loopback_port()
 
     # spill: endpoint down, every signal ends on disk (overflow now, the queue at close).
-    td = TelemetryClient(
-        APP_ID,
-        base_url=f"http://127.0.0.1:{down}",
-        spool_dir=spill_dir,
-        max_queue_size=SPILL_QUEUE,  # small, so that nearly all of them overflow to disk
-        **common,
+    # First a burst from a loop that never yields (a synchronous loop over items): what the
+    # disk absorbs while the burst runs, and what is dropped. Then the same with the loop
+    # turning every few signals (a service between requests), the stall probe watching.
+    burst = await _spill_run(n, spill_dir, down, common, yield_every=0)
+    out["spill"] = burst["rate"]
+    out["spill_caller"] = burst["caller"]
+    out["spill_overflowed"] = burst["overflowed"]
+    out["spill_close"] = burst["close"]
+    out["spill_spooled"] = burst["spooled"]
+    out["spill_dropped"] = burst["dropped"]
+    turning = await _spill_run(
+        n, str(root / "client-spill-turning"), down, common, yield_every=STALL_YIELD
     )
-    await td.start()
-    # The spool opens in the background; give it time, so the figure is the steady spill rate
-    # (a burst that starts before it is open loses more to the overflow buffer's bound).
-    await asyncio.sleep(0.5)
-    probe = LoopProbe()
-    with GcWatch() as gcw:
-        probe.start()
+    out["spill_turning"] = turning["rate"]
+    out["spill_turning_dropped"] = turning["dropped"]
+    for key in ("stall_series", "stall_p99", "stall_max", "stall_own_p99", "stall_samples"):
+        out[key] = turning[key]
+
+    # live: the rate recovery is judged against, same batch size, same sink.
+    async with (
+        Sink() as live_sink,
+        TelemetryClient(APP_ID, base_url=live_sink.base_url, max_queue_size=n + 1, **common) as td,
+    ):
+        td.signal_nowait(SIGNAL_TYPE, client_user=USERS[0], payload=payload(0))
+        await td.flush()  # the connection warm
         t0 = time.perf_counter()
         for i in range(n):
             td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
-            if i % 100 == 0:
-                await asyncio.sleep(0)  # a service's loop turns between requests
-        # What overflowed the queue is spilled in the background; the queue itself stays in
-        # memory until close. Poll (the client has no event for it) until the overflow is on
-        # disk.
-        overflowed = n - td.stats.pending
-
-        def settled() -> bool:  # every overflowed signal is on disk, or dropped (buffer full)
-            stats = td.stats
-            return stats.spooled + stats.dropped_total >= overflowed
-
-        deadline = time.perf_counter() + 120
-        while not settled() and time.perf_counter() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.002)
-        elapsed = time.perf_counter() - t0
-        out["spill"] = td.stats.spooled / elapsed if overflowed > 0 else 0.0
-        out["spill_overflowed"] = overflowed
-        await probe.stop()
-        t0 = time.perf_counter()
-        await td.aclose(timeout=2.0)
-        out["spill_close"] = time.perf_counter() - t0
-    stats = td.stats
-    out["spill_spooled"] = stats.spooled
-    out["spill_dropped"] = dict(stats.dropped)
-    clean, dirty = probe.lags_ms(gcw)
-    own, _ = probe.lags_ms(gcw, own_work_only=True)
-    # Each probe sample as (seconds since the burst began, lag in ms), for the chart.
-    first = probe.samples[0][0] if probe.samples else 0.0
-    out["stall_series"] = [
-        (round(start - first, 4), round(lag * 1000, 3)) for start, _end, lag, _cpu in probe.samples
-    ]
-    out["stall_p99"] = percentile(clean, 99)
-    out["stall_max"] = max(clean, default=0.0)
-    out["stall_own_p99"] = percentile(own, 99)
-    out["stall_samples"] = (len(clean), len(dirty))
+        await td.flush(timeout=120)
+        out["live"] = n / (time.perf_counter() - t0)
 
     # recovery: a new client on the same directory, the endpoint back up.
     async with Sink(port=down) as back:
@@ -328,14 +380,16 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         client["spill"],
         "/s",
         base["spill"],
-        "≥ 50,000/s",
-        note=f"n={client_n} by `signal_nowait()`, {client['spill_overflowed']} overflowed the "
-        "queue and were spilled meanwhile (rate: those / first call to last written); "
+        "≥ 100,000/s, 0 dropped",
+        note=f"n={client_n} by `signal_nowait()` from a loop that never yields (caller "
+        f"{client['spill_caller']:,.0f}/s), {client['spill_overflowed']} overflowed the "
+        "queue and were written meanwhile (rate: those / first call to last written); "
         f"{client['spill_spooled']} "
         f"spooled after aclose(timeout=2) took {client['spill_close']:.2f} s; dropped "
-        f"{client['spill_dropped'] or 0}",
+        f"{client['spill_dropped'] or 0}; with the loop turning every {STALL_YIELD} signals: "
+        f"{client['spill_turning']:,.0f}/s, dropped {client['spill_turning_dropped'] or 0}",
     )
-    spill.met = client["spill"] >= 50_000
+    spill.met = client["spill"] >= 100_000 and not client["spill_dropped"]
     always = Row(
         "spool.client.always",
         f'client `await signal()`, durability="always" ({CALLERS} concurrent callers)',
@@ -353,23 +407,25 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         client["recovery"],
         "/s",
         base["recovery"],
-        "≥ 100,000/s",
+        f"≥ 0.90 x live ({0.9 * client['live']:,.0f}/s)",
         note=f"{client['recovered']} recovered, {client['recovery_delivered']} delivered to the "
-        "sink, at the default batch_size; baseline only reads the file back",
+        f"sink, at the default batch_size; live delivery at the same batch size "
+        f"{client['live']:,.0f}/s (ratio {client['recovery'] / client['live']:.2f}); "
+        "baseline only reads the file back",
     )
-    recovery.met = client["recovery"] >= 100_000
+    recovery.met = client["recovery"] >= 0.9 * client["live"]
     stall = Row(
         "spool.client.stall_p99",
-        "loop stall p99 while the client spills (without GC)",
+        f"loop stall p99 while the client spills (without GC; loop turns every {STALL_YIELD})",
         client["stall_p99"],
         "ms",
         None,
         "≤ 1 ms",
-        note=f"max {client['stall_max']:.2f} ms; samples (no GC, GC) {client['stall_samples']}; "
-        f"own CPU only: p99 {client['stall_own_p99']:.2f} ms",
+        note=f"max {client['stall_max']:.2f} ms (target ≤ 5 ms); samples (no GC, GC) "
+        f"{client['stall_samples']}; own CPU only: p99 {client['stall_own_p99']:.2f} ms",
         extra={"series": client["stall_series"]},
     )
-    stall.met = client["stall_p99"] <= 1.0
+    stall.met = client["stall_p99"] <= 1.0 and client["stall_max"] <= 5.0
     note = f"n={n}, ~{size} B per record; the spool's own capacity, without the client"
     direct = [
         Row(

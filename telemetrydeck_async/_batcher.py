@@ -37,7 +37,8 @@ class Batch:
     """Encoded signals bound for one request.
 
     ``seq`` is the position of the first signal in the client's stream (for ``flush()``);
-    ``spool_ids`` are the spool record ids, one per signal (None for a signal not on disk), when
+    ``spool_ids`` are the spool record ids, one per signal (None for a signal not on disk; the
+    signals of one recovered chunk repeat its id), when
     some signals are also on disk (recovered from the spool, or written ahead with durability
     "always"); ``recovered`` marks a batch read back from the spool.
     """
@@ -72,8 +73,9 @@ class Batch:
         return times
 
     def written_ids(self) -> list[int]:
-        """The spool record ids of the signals that are on disk."""
-        return [i for i in self.spool_ids or () if i is not None]
+        """The spool record ids of the signals that are on disk, each once (the signals of a
+        recovered chunk share their record's id)."""
+        return [i for i in dict.fromkeys(self.spool_ids or ()) if i is not None]
 
     def not_written(self) -> Batch:
         """The part of this batch that is not on disk (all of it, when nothing was written)."""

@@ -15,24 +15,36 @@ One directory (created with mode 0700) holds::
     spool.sqlite3.corrupt-<UTC time>-<pid>-<tag>[-wal|-shm]
                          a damaged database moved aside, kept for inspection
 
-Schema (``PRAGMA user_version`` = 2)::
+Schema (``PRAGMA user_version`` = 3)::
 
     records(id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, see below
-            received_at REAL,     -- unix seconds of the signal's receivedAt: FIFO order and expiry
+            received_at REAL,     -- unix seconds of the (oldest) signal's receivedAt: FIFO, expiry
             size INTEGER,         -- len(body); the spool's size is the sum of these
-            crc INTEGER,          -- zlib.crc32(body): salvage keeps only rows that still match
+            crc INTEGER,          -- crc32 of body, then sizes: salvage keeps only rows that match
             owner TEXT NULL,      -- NULL = pending; else the owner id of the process sending it
             adopted INTEGER,      -- 1 = taken from a dead owner and not claimed since
-            body BLOB,            -- the signal's JSON object, UTF-8, exactly as handed in
-            dest INTEGER NULL)    -- destinations.id; NULL = written by schema 1, nobody's yet
+            body BLOB,            -- the signals' JSON objects, UTF-8, joined by b","
+            dest INTEGER NULL,    -- destinations.id; NULL = written by schema 1, nobody's yet
+            count INTEGER,        -- how many signals body holds (1 for every row of schema 1, 2)
+            sizes BLOB NULL)      -- count > 1: each signal's length, uint32 little-endian
     index records_by_age(received_at, id)         -- eviction (any destination), status
     index records_by_dest(dest, received_at, id)  -- claims and expiry of one destination
     destinations(id INTEGER PRIMARY KEY, url TEXT, app_id TEXT, UNIQUE (url, app_id))
     owners(owner TEXT PRIMARY KEY, pid, hostname, lease, started_at, heartbeat_at, closed)
-    totals(id = 0, records, bytes)   -- kept by every insert/delete, recounted at each open
+    totals(id = 0, records, bytes)   -- signals and body bytes, kept by every insert/delete,
+                                     -- recounted at each open
     meta(key, value)                 -- 'first_id': where ids of this file start (for salvage)
 
 Only what the caller hands in is stored: bodies arrive encoded, with the user id already hashed.
+
+Chunks: one row may hold many signals (a *chunk*, :meth:`SpoolRecord.chunk`): their bodies
+joined by commas, i.e. the inside of a request's JSON array, and their lengths. A row costs one
+insert, one claim and one delete however many signals it holds, which is what lets a spill or a
+recovery run at network speed; the client makes each chunk at most one batch (``batch_size``
+signals and the batch byte budget), so a claimed chunk is a ready request. A chunk is claimed,
+expired (by its oldest signal's time) and evicted whole; counts (``totals``, ``status``) are
+signals. Schema 1 and 2 files are migrated in place (two ``ALTER TABLE``): their rows are
+one-signal rows.
 
 Destinations: several apps may (by mistake or on purpose) share one directory. A spool opened
 with a :class:`Destination` (the endpoint URL, namespace included, and the app ID) tags every
@@ -106,7 +118,9 @@ once per minute and kind through the ``telemetrydeck_async`` logger.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -116,6 +130,7 @@ import secrets
 import socket
 import sqlite3
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -155,13 +170,26 @@ LOCK_NAME: Final = "spool.lock"
 #: Seconds an owner counts as alive after its last heartbeat, unless ``open_spool`` is told
 #: otherwise; the client renews it a few times within (see ``_spool_link``).
 DEFAULT_LEASE: Final = 30.0
-_SCHEMA_VERSION: Final = 2
+_SCHEMA_VERSION: Final = 3
 #: How long one statement waits for another process's write lock before it fails.
 _BUSY_TIMEOUT: Final = 5.0
 #: Seconds between passive WAL checkpoints while there are writes ("spill"'s durability window).
 _CHECKPOINT_INTERVAL: Final = 1.0
 #: At most this many queued jobs share one transaction, so one commit never grows without bound.
 _MAX_JOBS_PER_TRANSACTION: Final = 1024
+#: ... and at most about this many bytes of appended bodies. Large, because beside a caller that
+#: never yields each statement costs up to the interpreter's switch interval (5 ms) to get the
+#: GIL back: few statements per megabyte are what lets the disk absorb a burst while it happens.
+#: Well under the client's overflow bound (32 MiB), which counts what is being written.
+_MAX_TRANSACTION_BYTES: Final = 8 * 2**20
+#: Body bytes bound in one INSERT. SQLite copies every bound blob while the worker holds the GIL:
+#: a megabyte is a fraction of a millisecond, so the event loop never waits long for it.
+_MAX_STATEMENT_BYTES: Final = 2**20
+#: crc32 is computed over slices of this size: ``zlib`` lets go of the GIL for longer inputs,
+#: and beside a busy event loop taking it back costs up to the switch interval.
+_CRC_SLICE: Final = 4096
+#: Seconds a reading of plenty of free disk space is reused (see ``_Store.tight``).
+_ROOM_REUSE: Final = 1.0
 #: The same problem is logged at most once per this many seconds.
 _LOG_INTERVAL: Final = 60.0
 #: Keep the WAL file from staying huge after a burst.
@@ -223,37 +251,114 @@ class DestinationInfo:
     bytes: int
 
 
+def checksum(body: bytes, sizes: bytes | None = None) -> int:
+    """The CRC a row carries: crc32 of ``body``, continued over ``sizes`` for a chunk.
+
+    Computed a few KiB per call: ``zlib`` releases the GIL for longer inputs, and a thread that
+    lets go of it beside a busy event loop waits up to the switch interval to get it back.
+    """
+    crc = 0
+    view = memoryview(body)
+    for start in range(0, len(view), _CRC_SLICE):
+        crc = zlib.crc32(view[start : start + _CRC_SLICE], crc)
+    return crc if sizes is None else zlib.crc32(sizes, crc)
+
+
+def _pack_sizes(bodies: Sequence[bytes]) -> bytes:
+    sizes = array.array("I", map(len, bodies))
+    if sys.byteorder == "big":  # pragma: no cover - the file format is little-endian
+        sizes.byteswap()
+    return sizes.tobytes()
+
+
+def _unpack_sizes(sizes: bytes) -> array.array[int]:
+    lengths = array.array("I")
+    lengths.frombytes(sizes)
+    if sys.byteorder == "big":  # pragma: no cover
+        lengths.byteswap()
+    return lengths
+
+
+def _chunk_is_consistent(body: bytes, sizes: bytes | None) -> bool:
+    """Whether ``sizes`` cuts ``body`` into its signals exactly (commas between them)."""
+    if sizes is None:
+        return True
+    if len(sizes) < 8 or len(sizes) % 4:
+        return False
+    lengths = _unpack_sizes(sizes)
+    return sum(lengths) + len(lengths) - 1 == len(body)
+
+
+def split_chunk(body: bytes, sizes: bytes | None) -> list[bytes]:
+    """The signal bodies of one stored row (a chunk's, or the one signal's)."""
+    if sizes is None:
+        return [body]
+    out = []
+    pos = 0
+    for length in _unpack_sizes(sizes):
+        out.append(body[pos : pos + length])
+        pos += length + 1
+    return out
+
+
 @attrs.frozen
 class SpoolRecord:
-    """One signal to store: already validated, encoded, and with only a hashed user id.
+    """One row to store: one signal, or a chunk of many (:meth:`chunk`).
 
-    ``received_at`` is the unix time (seconds) of the signal's ``receivedAt``; it decides the
+    Bodies are already validated, encoded, and carry only a hashed user id. ``received_at`` is
+    the unix time (seconds) of the signal's ``receivedAt`` (a chunk's oldest); it decides the
     order records are claimed in and when they expire. ``body`` is the signal's JSON object,
-    UTF-8 encoded: what goes inside the request's JSON array. The spool stores it verbatim.
+    UTF-8 encoded: what goes inside the request's JSON array; a chunk's bodies are joined by
+    commas and ``sizes`` holds their lengths. The spool stores it verbatim. ``crc``, when
+    given, is :func:`checksum` of ``body`` and ``sizes`` (the caller may compute it where it is
+    cheapest); otherwise the spool computes it.
     """
 
     received_at: float
     body: bytes
+    sizes: bytes | None = None
+    crc: int | None = None
+
+    @classmethod
+    def chunk(cls, received_at: float, bodies: Sequence[bytes]) -> SpoolRecord:
+        """One row holding ``bodies`` (one or more encoded signals), checksum included."""
+        if len(bodies) == 1:
+            return cls(received_at, bodies[0], None, checksum(bodies[0]))
+        body = b",".join(bodies)
+        sizes = _pack_sizes(bodies)
+        return cls(received_at, body, sizes, checksum(body, sizes))
+
+    @property
+    def count(self) -> int:
+        """How many signals this row holds."""
+        return 1 if self.sizes is None else len(self.sizes) // 4
+
+    def bodies(self) -> list[bytes]:
+        """The signal bodies, one per signal."""
+        return split_chunk(self.body, self.sizes)
 
 
 @attrs.frozen
 class AppendResult:
     """What :meth:`Spool.append` did.
 
-    ``ids`` are the ids of the stored records in the order given. When the spool is full they
-    are the ids of the *last* ``len(ids)`` records given: a batch larger than ``max_bytes`` (or
-    than what a nearly full disk can take) on its own loses its first (oldest) records,
-    counted in ``rejected``. On a disk error nothing of the batch is stored and ``failed``
-    counts it all. ``evicted`` counts older records (of any owner) deleted to stay within
-    ``max_bytes`` or the disk. The caller reports ``rejected`` and ``evicted`` as dropped
-    ("spool_full"): the first were never spooled, the second had been.
-    ``len(ids) + failed + rejected`` is always the number of records given.
+    ``ids`` are the ids of the stored records (rows) in the order given. When the spool is
+    full they are the ids of the *last* ``len(ids)`` records given: a batch larger than
+    ``max_bytes`` (or than what a nearly full disk can take) on its own loses its first (oldest)
+    records, whose signals are counted in ``rejected``. On a disk error nothing of the batch is
+    stored and ``failed`` counts all its signals. ``evicted`` counts the signals of older
+    records (of any owner) deleted to stay within ``max_bytes`` or the disk. The caller reports
+    ``rejected`` and ``evicted`` as dropped ("spool_full"): the first were never spooled, the
+    second had been. Every count but ``ids`` is in signals (a chunk counts all it holds):
+    ``stored + failed + rejected`` is always the number of signals given.
     """
 
     ids: tuple[int, ...]
     failed: int
     evicted: int
     rejected: int = 0
+    #: Signals stored (``len(ids)`` when every record holds one).
+    stored: int = 0
 
 
 @attrs.frozen
@@ -262,14 +367,34 @@ class ClaimResult:
 
     ``records`` are ``(id, body)`` pairs, oldest ``received_at`` first, now owned by the caller:
     ``ack`` them once delivered (or finally dropped), ``release`` them to give them back.
-    ``expired`` counts pending records deleted because they were older than ``max_age``
-    (the caller reports them as dropped, "expired"); ``adopted`` says how many of ``records``
-    were taken over from an owner that died or closed.
+    ``sizes`` goes with them, one entry per record: None for a one-signal record, else the
+    chunk's packed lengths (:func:`split_chunk` cuts it). ``expired`` counts the signals of
+    pending records deleted because they were older than ``max_age`` (the caller reports them
+    as dropped, "expired"); ``adopted`` says how many of ``records`` were taken over from an
+    owner that died or closed.
     """
 
     records: tuple[tuple[int, bytes], ...]
     expired: int
     adopted: int
+    sizes: tuple[bytes | None, ...] = ()
+
+    @property
+    def signals(self) -> int:
+        """How many signals the claimed records hold."""
+        return sum(1 if sizes is None else len(sizes) // 4 for sizes in self.sizes) or len(
+            self.records
+        )
+
+    def bodies(self) -> list[bytes]:
+        """Every claimed signal's body, in order."""
+        if not self.sizes:
+            return [body for _, body in self.records]
+        return [
+            part
+            for (_, body), sizes in zip(self.records, self.sizes, strict=True)
+            for part in split_chunk(body, sizes)
+        ]
 
 
 @attrs.frozen
@@ -355,7 +480,9 @@ _SCHEMA: Final = (
         owner       TEXT,
         adopted     INTEGER NOT NULL DEFAULT 0,
         body        BLOB    NOT NULL,
-        dest        INTEGER
+        dest        INTEGER,
+        count       INTEGER NOT NULL DEFAULT 1,
+        sizes       BLOB
     )""",
     # One index serves FIFO claims (filtering owner IS NULL while walking it), expiry, eviction
     # and min/max for status. An owner index would make every insert and claim more expensive
@@ -381,7 +508,23 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
     *_DESTINATION_SCHEMA,
 )
-_RECORD_COLUMNS: Final = ("id", "received_at", "size", "crc", "owner", "adopted", "body", "dest")
+#: What schema 3 added to schema 2: a record may hold a chunk of signals.
+_CHUNK_MIGRATION: Final = (
+    "ALTER TABLE records ADD COLUMN count INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE records ADD COLUMN sizes BLOB",
+)
+_RECORD_COLUMNS: Final = (
+    "id",
+    "received_at",
+    "size",
+    "crc",
+    "owner",
+    "adopted",
+    "body",
+    "dest",
+    "count",
+    "sizes",
+)
 
 
 class _CorruptError(Exception):
@@ -599,6 +742,10 @@ class _Store:
         self.dest_id: int | None = None
         # Set before a write transaction while the disk is nearly full; None: plenty of room.
         self.room: _Room | None = None
+        # The last "plenty" reading of free space (less what was written since), and until
+        # when it may be reused (see ``tight``).
+        self.roomy = 0.0
+        self.roomy_until = -math.inf
 
     # -- opening, repairing, closing
 
@@ -641,7 +788,7 @@ class _Store:
             self.heartbeat()
             # Cheap insurance against drift: one scan per open, like quick_check's.
             conn.execute(
-                "UPDATE totals SET records = (SELECT count(*) FROM records),"
+                "UPDATE totals SET records = (SELECT coalesce(sum(count), 0) FROM records),"
                 " bytes = (SELECT coalesce(sum(size), 0) FROM records) WHERE id = 0"
             )
             # Records of an owner row that no longer exists (a repair, a bug) would never
@@ -695,6 +842,7 @@ class _Store:
         sync = "FULL" if self.settings.durability == "always" else "NORMAL"
         conn.execute(f"PRAGMA synchronous = {sync}")
         conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA temp_store = MEMORY")
         if check:
             problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
@@ -731,7 +879,9 @@ class _Store:
                     conn.execute("ROLLBACK")
                 raise
         if version == 1:
-            version = self._migrate_to_2(conn)
+            version = self._migrate(conn, 1, ("ALTER TABLE records ADD COLUMN dest INTEGER",))
+        if version == 2:
+            version = self._migrate(conn, 2, _CHUNK_MIGRATION)
         if version != _SCHEMA_VERSION:
             raise _IncompatibleError(self._incompatible(f"schema version {version}"))
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
@@ -739,18 +889,21 @@ class _Store:
             raise _IncompatibleError(self._incompatible(f"a 'records' table with {columns}"))
 
     @staticmethod
-    def _migrate_to_2(conn: sqlite3.Connection) -> int:
-        """Schema 1 -> 2: records get a destination (NULL for the ones already there)."""
+    def _migrate(conn: sqlite3.Connection, old: int, statements: Sequence[str]) -> int:
+        """Schema ``old`` -> ``old + 1``: 1 -> 2 gives records a destination (NULL for the ones
+        already there), 2 -> 3 lets a record hold a chunk (the ones there hold one signal)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version == 1:  # nobody migrated it while we waited for the lock
+            if version == old:  # nobody migrated it while we waited for the lock
                 # ADD COLUMN only rewrites the schema, not the rows: instant at any size.
-                conn.execute("ALTER TABLE records ADD COLUMN dest INTEGER")
-                for statement in _DESTINATION_SCHEMA:
+                for statement in statements:
                     conn.execute(statement)
-                conn.execute("PRAGMA user_version = 2")
-                version = 2
+                if old == 1:
+                    for statement in _DESTINATION_SCHEMA:
+                        conn.execute(statement)
+                version = old + 1
+                conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -808,7 +961,7 @@ class _Store:
                 end += 1
             key = None if destination is None else self.dest_key(destination)
             batch = [record for record, _ in salvaged[start:end]]
-            kept += len(self.append(batch, None, dest=key).ids)
+            kept += self.append(batch, None, dest=key).stored
             start = end
         return kept
 
@@ -885,11 +1038,8 @@ class _Store:
         ``room`` stays None and appends are limited by ``max_bytes`` alone.
         """
         self.room = None
-        free = _free_space(self.settings.directory)
+        free = self.tight(incoming)
         if free is None:
-            return
-        need = 2 * _PAGE_FACTOR * incoming + _DISK_RESERVE
-        if free >= need + _TIGHT_DISK:
             return
         # Nearly full. A WAL that is never checkpointed wedges the spool (its frames need
         # the database to grow, and nothing else may grow): fold it in and give its space
@@ -901,6 +1051,33 @@ class _Store:
             for query in ("PRAGMA page_size", "PRAGMA freelist_count")
         )
         self.room = _Room(free=free - _DISK_RESERVE, freelist=page_size * free_pages)
+
+    def tight(self, incoming: int) -> int | None:
+        """The free disk space when it is nearly full for a write of ``incoming`` body bytes;
+        None while there is plenty (or it cannot be known).
+
+        With plenty the figure is reused for up to a second, less what was written since:
+        ``statvfs`` lets go of the GIL, and beside a busy event loop every time the thread
+        takes it back costs up to the switch interval. A write that still finds the disk full
+        forgets it (:meth:`forget_room`) and measures again.
+        """
+        use = 2 * _PAGE_FACTOR * incoming
+        need = use + _DISK_RESERVE + _TIGHT_DISK
+        now = time.monotonic()
+        if now < self.roomy_until and self.roomy >= need:
+            self.roomy -= use
+            return None
+        free = _free_space(self.settings.directory)
+        if free is None:
+            return None
+        if free >= need:
+            self.roomy, self.roomy_until = free - use, now + _ROOM_REUSE
+            return None
+        self.forget_room()
+        return free
+
+    def forget_room(self) -> None:
+        self.roomy_until = -math.inf
 
     def truncate_wal(self) -> bool:
         """``wal_checkpoint(TRUNCATE)``: True when the WAL was folded in and emptied."""
@@ -978,22 +1155,52 @@ class _Store:
         return int(found)
 
     @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _rows(
+        records: Iterable[SpoolRecord], owner: str | None, key: int | None
+    ) -> list[tuple[Any, ...]]:
+        return [
+            (
+                record.received_at,
+                len(record.body),
+                checksum(record.body, record.sizes) if record.crc is None else record.crc,
+                owner,
+                record.body,
+                key,
+                record.count,
+                record.sizes,
+            )
+            for record in records
+        ]
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
         """INSERT ``rows`` with as few statements as SQLite's variable limit allows.
 
         Not ``executemany``: it runs one statement per row, and each one gives the GIL back
         and waits to take it again. Beside a busy event loop that wait is the interpreter's
         switch interval (5 ms), which held a burst to under 1,000 rows/s; one statement for
-        thousands of rows keeps the same burst at tens of thousands per second.
+        thousands of rows keeps the same burst at tens of thousands per second. A statement
+        binds at most about ``_MAX_STATEMENT_BYTES`` of bodies (see there). Returns the id of
+        the last row (the cursor knows it: asking SQLite would be one more hand-off).
         """
-        per = max(1, _variable_limit(conn) // 6)
-        for start in range(0, len(rows), per):
-            chunk = rows[start : start + per]
-            conn.execute(
-                "INSERT INTO records (received_at, size, crc, owner, body, dest) VALUES "
-                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+        last = 0
+        per = max(1, _variable_limit(conn) // 8)
+        start = 0
+        while start < len(rows):
+            end = start
+            size = 0
+            while end < len(rows) and end - start < per and size < _MAX_STATEMENT_BYTES:
+                size += rows[end][1]
+                end += 1
+            chunk = rows[start:end]
+            cursor = conn.execute(
+                "INSERT INTO records (received_at, size, crc, owner, body, dest, count, sizes)"
+                " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
             )
+            last = cursor.lastrowid or 0
+            start = end
+        return last
 
     def _count(self, records: int, nbytes: int) -> None:
         self._conn().execute(
@@ -1002,14 +1209,15 @@ class _Store:
         )
 
     def _delete(self, ids: Sequence[int]) -> int:
-        """Delete records by id (missing ones are ignored); returns how many were deleted."""
+        """Delete records by id (missing ones are ignored); returns how many signals they held."""
         conn = self._conn()
         deleted = 0
         for start in range(0, len(ids), _SQL_VARIABLES_PER_STATEMENT):
             chunk = ids[start : start + _SQL_VARIABLES_PER_STATEMENT]
             marks = ",".join("?" * len(chunk))
             count, size = conn.execute(
-                f"SELECT count(*), coalesce(sum(size), 0) FROM records WHERE id IN ({marks})",
+                f"SELECT coalesce(sum(count), 0), coalesce(sum(size), 0) FROM records"
+                f" WHERE id IN ({marks})",
                 chunk,
             ).fetchone()
             if count:
@@ -1029,16 +1237,19 @@ class _Store:
         key = self.own_dest() if dest == "own" else dest
         limit = self.settings.max_bytes
         sizes = [len(record.body) for record in records]
+        counts = [record.count for record in records]
         incoming = sum(sizes)
         (stored,) = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
         room = self.room
         skip = 0
         # The batch alone is too big for max_bytes, or (disk nearly full) for what the disk
         # can take even after evicting everything else: its first (oldest) records go.
+        rejected = 0
         while skip < len(sizes) and (
             incoming > limit or (room is not None and not room.fits(incoming, stored))
         ):
             incoming -= sizes[skip]
+            rejected += counts[skip]
             skip += 1
         evicted = 0
         excess = stored + incoming - limit
@@ -1047,17 +1258,15 @@ class _Store:
             room.use(incoming)
         if excess > 0:
             evicted += self._evict(excess)
-        rows = [
-            (record.received_at, size, zlib.crc32(record.body), owner, record.body, key)
-            for record, size in zip(records[skip:], sizes[skip:], strict=True)
-        ]
+        rows = self._rows(records[skip:], owner, key)
         if not rows:
-            return AppendResult((), 0, evicted, skip)
-        self._insert(conn, rows)
-        self._count(len(rows), incoming)
+            return AppendResult((), 0, evicted, rejected)
+        last = self._insert(conn, rows)
+        signals = sum(counts[skip:])
+        self._count(signals, incoming)
         # We hold the write lock and AUTOINCREMENT hands out consecutive ids within it.
-        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
-        return AppendResult(tuple(range(last - len(rows) + 1, last + 1)), 0, evicted, skip)
+        ids = tuple(range(last - len(rows) + 1, last + 1))
+        return AppendResult(ids, 0, evicted, rejected, signals)
 
     def append_many(
         self, batches: Sequence[tuple[Sequence[SpoolRecord], str | None]]
@@ -1076,18 +1285,14 @@ class _Store:
         if stored + incoming > self.settings.max_bytes or self.room is not None:
             return [self.append(records, owner) for records, owner in batches]
         key = self.own_dest()
-        rows = [
-            (record.received_at, len(record.body), zlib.crc32(record.body), owner, record.body, key)
-            for records, owner in batches
-            for record in records
-        ]
-        self._insert(conn, rows)
-        self._count(len(rows), incoming)
-        (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+        rows = [row for records, owner in batches for row in self._rows(records, owner, key)]
+        last = self._insert(conn, rows)
+        self._count(sum(row[6] for row in rows), incoming)
         first = last - len(rows) + 1
         results = []
         for records, _ in batches:
-            results.append(AppendResult(tuple(range(first, first + len(records))), 0, 0))
+            ids = tuple(range(first, first + len(records)))
+            results.append(AppendResult(ids, 0, 0, 0, sum(r.count for r in records)))
             first += len(records)
         return results
 
@@ -1125,7 +1330,7 @@ class _Store:
         mine, args = ("", ()) if dest is None else (" AND dest = ?", (dest,))
         cutoff = (now - self.settings.max_age, *args)
         expired, size = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM records"
+            "SELECT coalesce(sum(count), 0), coalesce(sum(size), 0) FROM records"
             " WHERE received_at < ? AND owner IS NULL" + mine,
             cutoff,
         ).fetchone()
@@ -1137,39 +1342,46 @@ class _Store:
         # Marking records claimed rewrites their pages into the WAL: on a nearly full disk
         # take only what that room holds, over all batches (still at least one record).
         budget = None if self.room is None else max(0, int(self.room.free / _PAGE_FACTOR))
-        groups: list[list[tuple[int, bytes]]] = [[]]
+        groups: list[list[tuple[int, bytes, bytes | None]]] = [[]]
         adopted = [0]
-        total = overall = 0
+        total = overall = signals = 0
+        # ``limit`` counts signals; a record holds at least one, so this many rows is enough.
         cursor = conn.execute(
-            "SELECT id, size, adopted, body FROM records WHERE owner IS NULL"
+            "SELECT id, size, adopted, body, count, sizes FROM records WHERE owner IS NULL"
             + mine
             + " ORDER BY received_at, id LIMIT ?",
             (*args, limit * batches),
         )
         try:
-            for record_id, size, was_adopted, body in cursor:
+            for record_id, size, was_adopted, body, count, sizes in cursor:
                 group = groups[-1]
                 # Every batch gets at least one record, or one oversized body would block.
                 if group and (
-                    len(group) >= limit or (max_bytes is not None and total + size > max_bytes)
+                    signals + count > limit or (max_bytes is not None and total + size > max_bytes)
                 ):
                     if len(groups) == batches:
                         break
                     group = []
                     groups.append(group)
                     adopted.append(0)
-                    total = 0
+                    total = signals = 0
                 if budget is not None and overall and overall + size > budget:
                     break
-                group.append((record_id, body))
+                group.append((record_id, body, sizes))
                 total += size
+                signals += count
                 overall += size
                 adopted[-1] += was_adopted
         finally:
             cursor.close()
-        self._take([record_id for group in groups for record_id, _ in group])
+        self._take([row[0] for group in groups for row in group])
         return [
-            ClaimResult(tuple(group), expired if i == 0 else 0, count)
+            ClaimResult(
+                tuple((row[0], row[1]) for row in group),
+                expired if i == 0 else 0,
+                count,
+                tuple(row[2] for row in group),
+            )
             for i, (group, count) in enumerate(zip(groups, adopted, strict=True))
             if group or i == 0
         ]
@@ -1243,7 +1455,7 @@ class _Store:
         (newest,) = conn.execute("SELECT max(received_at) FROM records").fetchone()
         claimed: dict[str, int] = dict(
             conn.execute(
-                "SELECT owner, count(*) FROM records WHERE owner IS NOT NULL GROUP BY owner"
+                "SELECT owner, sum(count) FROM records WHERE owner IS NOT NULL GROUP BY owner"
             ).fetchall()
         )
         owners = []
@@ -1268,7 +1480,7 @@ class _Store:
                     None if url is None else Destination(url, app_id), count, int(size or 0)
                 )
                 for url, app_id, count, size in conn.execute(
-                    "SELECT d.url, d.app_id, count(*), sum(r.size) FROM records AS r"
+                    "SELECT d.url, d.app_id, sum(r.count), sum(r.size) FROM records AS r"
                     " LEFT JOIN destinations AS d ON d.id = r.dest GROUP BY r.dest ORDER BY r.dest"
                 )
             )
@@ -1330,20 +1542,25 @@ def _salvage(path: Path) -> list[tuple[SpoolRecord, Destination | None]]:
 def _as_record(
     values: list[Any], destinations: dict[int, Destination]
 ) -> tuple[SpoolRecord, Destination | None] | None:
-    """A ``records`` row whose body still matches its CRC, or None."""
-    if len(values) not in (7, 8) or values[0] is not None:
+    """A ``records`` row (of schema 1, 2 or 3) whose body still matches its CRC, or None."""
+    if len(values) not in (7, 8, 10) or values[0] is not None:
         return None
     received_at, size, crc, body = values[1], values[2], values[3], values[6]
+    count, sizes = (values[8], values[9]) if len(values) == 10 else (1, None)
     if not (
         isinstance(body, bytes)
         and isinstance(received_at, (int, float))
         and math.isfinite(received_at)
         and size == len(body)
-        and crc == zlib.crc32(body)
+        and (sizes is None or isinstance(sizes, bytes))
+        and crc == checksum(body, sizes)
+        and count == (1 if sizes is None else len(sizes) // 4)
+        and _chunk_is_consistent(body, sizes)
     ):
         return None
-    dest = values[7] if len(values) == 8 and isinstance(values[7], int) else None
-    return SpoolRecord(float(received_at), body), None if dest is None else destinations.get(dest)
+    dest = values[7] if len(values) >= 8 and isinstance(values[7], int) else None
+    record = SpoolRecord(float(received_at), body, sizes, crc)
+    return record, None if dest is None else destinations.get(dest)
 
 
 def _read_rows(data: bytes, wal: bytes, page_size: int, rows: dict[int, list[list[Any]]]) -> None:
@@ -1540,6 +1757,19 @@ class _Job(Generic[_T]):
     append: tuple[Sequence[SpoolRecord], str | None] | None = None
     # Reads only (status): may run in a read transaction, which works on a full disk.
     readonly: bool = False
+    # Handed over without an await (Spool.hand_over): until the worker takes it (``taken``),
+    # the caller may take it back (``withdrawn``); both under the worker's lock. ``done`` is
+    # set, and ``outcome`` holds the result, once the worker has run it: an exit without an
+    # event loop reads them directly.
+    handover: bool = False
+    taken: bool = False
+    withdrawn: bool = False
+    outcome: _T | None = None
+    done: threading.Event | None = None
+
+
+class _OneByOne(Exception):
+    """The disk is nearly full: run this group of jobs one transaction each."""
 
 
 @attrs.define
@@ -1549,6 +1779,12 @@ class _Stop:
     crash: bool
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[None] | None
+
+
+def _appended_bytes(job: _Job[Any] | _Stop) -> int:
+    if isinstance(job, _Stop) or job.append is None:
+        return 0
+    return sum(len(record.body) for record in job.append[0])
 
 
 def _settle(items: list[tuple[_Job[Any], Any]]) -> None:
@@ -1585,6 +1821,8 @@ class _Worker:
         self.store = _Store(settings, reporter)
         self.reporter = reporter
         self.queue: queue.SimpleQueue[_Job[Any] | _Stop] = queue.SimpleQueue()
+        # Jobs taken off the queue that did not fit in the last transaction: they go first.
+        self.backlog: collections.deque[_Job[Any] | _Stop] = collections.deque()
         self.lock = threading.Lock()
         self.accepting = True
         self.disabled = False
@@ -1665,23 +1903,42 @@ class _Worker:
         if exc is not None:
             _log.debug("the spool could not open", exc_info=exc)
 
+    def _next_items(self) -> list[_Job[Any] | _Stop]:
+        """The queued work for one transaction: bounded in jobs and in appended bytes."""
+        store = self.store
+        backlog = self.backlog
+        items: list[_Job[Any] | _Stop] = []
+        incoming = 0
+        while len(items) < _MAX_JOBS_PER_TRANSACTION and incoming < _MAX_TRANSACTION_BYTES:
+            if backlog:
+                item = backlog.popleft()
+            elif items:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                item = self.queue.get(timeout=_CHECKPOINT_INTERVAL if store.dirty else None)
+            items.append(item)
+            incoming += _appended_bytes(item)
+        return items
+
     def _run_once(self) -> _Stop | None:
         store = self.store
         try:
-            first = self.queue.get(timeout=_CHECKPOINT_INTERVAL if store.dirty else None)
+            items = self._next_items()
         except queue.Empty:
             store.checkpoint(force=True)  # idle: a good moment to move the WAL into the file
             return None
-        items = [first]
-        while len(items) < _MAX_JOBS_PER_TRANSACTION:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
         # A _Stop is always the last item: stop() refuses new jobs before queueing it.
         last = items[-1]
         stop = last if isinstance(last, _Stop) else None
         jobs = [item for item in items if isinstance(item, _Job)]
+        if any(job.handover for job in jobs):
+            with self.lock:  # from here on the caller can no longer take them back
+                jobs = [job for job in jobs if not job.withdrawn]
+                for job in jobs:
+                    job.taken = True
         if jobs:
             self._run_jobs(jobs)
         store.checkpoint()
@@ -1697,7 +1954,7 @@ class _Worker:
             self._deliver([(job, job.fallback) for job in jobs])
             return
         store = self.store
-        incoming = sum(len(r.body) for job in jobs if job.append for r in job.append[0])
+        incoming = sum(_appended_bytes(job) for job in jobs)
         try:
             store.ensure_current()
             if all(job.readonly for job in jobs):
@@ -1705,6 +1962,13 @@ class _Worker:
                     results = self._execute(jobs)
             else:
                 results = self._write(jobs, incoming)
+        except _OneByOne:
+            # A nearly full disk: what one transaction may add is what is free, so a large
+            # group would refuse its newest appends. One transaction per job instead: each
+            # evicts the oldest records to make room for its own, in the order given.
+            for job in jobs:
+                self._run_jobs([job])
+            return
         except Exception as exc:
             self._failed(exc)
             results = [job.fallback for job in jobs]
@@ -1728,6 +1992,8 @@ class _Worker:
         store = self.store
         for attempt in (1, 2):
             store.measure_room(incoming)
+            if store.room is not None and incoming and len(jobs) > 1:
+                raise _OneByOne
             try:
                 with store.transaction():
                     results = self._execute(jobs)
@@ -1736,6 +2002,7 @@ class _Worker:
             except sqlite3.Error as exc:
                 if attempt == 2 or not _is_full(exc):
                     raise
+                store.forget_room()
                 _log.debug("spool %s full; making room and trying once more", store.path)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1801,6 +2068,9 @@ class _Worker:
         """One call_soon_threadsafe per event loop for the whole batch, not one per job."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job[Any], Any]]] = {}
         for job, value in outcomes:
+            if job.done is not None:
+                job.outcome = value
+                job.done.set()
             if job.loop is not None:
                 by_loop.setdefault(job.loop, []).append((job, value))
         for loop, items in by_loop.items():
@@ -1811,10 +2081,13 @@ class _Worker:
         leftovers: list[tuple[_Job[Any], Any]] = []
         stop = None
         while True:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
+            if self.backlog:
+                item = self.backlog.popleft()
+            else:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
             if isinstance(item, _Job):
                 leftovers.append((item, item.fallback))
             else:
@@ -1969,16 +2242,62 @@ class Spool:
                 raise ValueError(
                     f"SpoolRecord.received_at must be finite, not {record.received_at}"
                 )
+            if not _chunk_is_consistent(record.body, record.sizes):
+                raise ValueError(
+                    "SpoolRecord.sizes must give each signal's length in body (build chunks"
+                    " with SpoolRecord.chunk)"
+                )
         if not batch:
             return AppendResult((), 0, 0)
         owner = self._settings.owner_id if claimed else None
         result = await self._call(
             lambda store: store.append(batch, owner),
-            AppendResult((), len(batch), 0),
+            AppendResult((), sum(record.count for record in batch), 0),
             append=(batch, owner),
         )
         self._failed += result.failed
         return result
+
+    def hand_over(
+        self, record: SpoolRecord, loop: asyncio.AbstractEventLoop
+    ) -> _Job[AppendResult] | None:
+        """Queue ``record`` to be stored pending, without awaiting anything.
+
+        For signals that overflow a caller that does not yield: the worker thread writes them
+        while the caller keeps running, no turn of the event loop needed. The returned ticket's
+        ``future`` gets the :class:`AppendResult` on ``loop``; until the worker takes the
+        record, :meth:`withdraw` takes it back. None when the spool cannot take it (closed,
+        disabled). The record is trusted: the caller built it with :meth:`SpoolRecord.chunk`.
+        """
+        if self._closed or self._worker.disabled:
+            return None
+        future: asyncio.Future[AppendResult] = loop.create_future()
+        batch = (record,)
+        job: _Job[AppendResult] = _Job(
+            lambda store: store.append(batch, None),
+            AppendResult((), record.count, 0),
+            loop,
+            future,
+            append=(batch, None),
+            handover=True,
+            done=threading.Event(),
+        )
+        if not self._worker.submit(job):
+            return None
+        return job
+
+    def withdraw(self, job: _Job[AppendResult]) -> bool:
+        """Take back a record given to :meth:`hand_over`: True when the worker had not begun
+        writing it (it never will; its future is cancelled), False when it is being or has
+        been written (its future will tell)."""
+        with self._worker.lock:
+            if job.taken:
+                return False
+            job.withdrawn = True
+        if job.future is not None:
+            with contextlib.suppress(RuntimeError):  # an exit without a loop: it is closed
+                job.future.cancel()
+        return True
 
     async def claim(self, limit: int, max_bytes: int | None = None) -> ClaimResult:
         """Take up to ``limit`` pending records (at most ``max_bytes`` of body, but at least one).
@@ -2045,6 +2364,12 @@ class Spool:
         """Queue work nobody waits for (a failure is logged by the thread, like any other)."""
         if not self._closed and not self._worker.disabled:
             self._worker.submit(_Job(run, None))
+
+    async def barrier(self) -> None:
+        """Wait until the work queued before this call (``ack``, ``release``) is committed."""
+        self._check_process()
+        # Jobs run in order, and a write transaction commits before results are handed back.
+        await self._call(lambda store: None, None)
 
     async def heartbeat(self) -> None:
         """Renew this owner's lease; call it every ``lease / 3`` seconds.

@@ -5,13 +5,16 @@ One :class:`SpoolLink` per client, created by the flusher whether or not ``spool
 
 * opening the spool in the background at start, and closing it last at close;
 * durability ``"always"``: the write-ahead of each signal before ``signal()`` returns;
-* the overflow writer: signals that did not fit in the queue, encoded, wait in a bounded
-  buffer for one background task that appends them in chunks;
+* the overflow: signals that did not fit in the queue are encoded and gathered into chunks
+  (one batch each) in the caller's own call; a full chunk goes straight to the spool's thread
+  (no turn of the event loop needed), and its outcome is booked when the loop next turns.
+  Memory is bounded: past it, the oldest chunk the thread has not begun to write is dropped;
 * ``spill_or_drop``: a batch that cannot be sent now goes to disk, or, without a spool, is
   dropped; ``drop`` and ``forget`` delete what of a finished batch is on disk;
-* recovery: spooled signals are claimed and handed to the flusher's send loop whenever the
-  endpoint's health allows; the same loop renews this process's lease and reads the spool's
-  figures for ``stats``.
+* recovery: spooled records are claimed and handed to the flusher's send loop whenever the
+  endpoint's health allows (a chunk is a ready batch); a record is acked once every one of its
+  signals is final, or released whole; the same loop renews this process's lease and reads
+  the spool's figures for ``stats``.
 
 The flusher reaches the send side through the small :class:`Sender` protocol; nothing here
 imports the flusher or the client. To change how recovery works, this is the file to open.
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -33,11 +38,14 @@ from ._config import ClientConfig
 from ._signal import Signal, encode_signal
 from ._spool import (
     AppendResult,
+    ClaimResult,
     Destination,
     Spool,
     SpoolRecord,
+    _Job,
     append_pending_blocking,
     open_spool,
+    split_chunk,
 )
 from ._stats import Accounting, DropReason, decode_bodies
 from .exceptions import SpoolError
@@ -66,10 +74,37 @@ _SPILL_CHUNK = 1_000
 #: the loop's callers run in between, so preparing a chunk never stalls them for long.
 _SPILL_SLICE = 500
 #: Batches claimed from the spool in one transaction while recovering at full pace.
-_CLAIM_BATCHES = 8
+_CLAIM_BATCHES = 32
+#: Seconds a partly gathered overflow chunk waits for more signals before it is written.
+_SEAL_AFTER = 0.05
+#: Seconds the acks of recovered records are gathered before they go to the spool's thread.
+_ACK_GATHER = 0.01
+#: Seconds an exit without an event loop waits for a chunk the spool's thread is writing.
+_EXIT_WAIT = 2.0
 #: A lease is renewed this many times within its length: two renewals may be missed (a busy
 #: disk, a stalled loop) before another process takes this one's records over.
 _HEARTBEATS_PER_LEASE = 3
+
+
+@attrs.define(eq=False)
+class _Chunk:
+    """Overflow signals sealed into one spool record, until their outcome is accounted."""
+
+    bodies: list[bytes]
+    received_at: list[float]
+    #: What they count against OVERFLOW_BYTES.
+    size: int
+    #: The spool's ticket once handed to its thread; None while waiting for the spool to open.
+    ticket: _Job[AppendResult] | None = None
+    #: True once accounted (stored, dropped, or taken by an exit without a loop).
+    settled: bool = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a signal before the client's loop runs: written once it does
+        return None
 
 
 class Sender(Protocol):
@@ -108,13 +143,26 @@ class SpoolLink:
     _background: set[asyncio.Future[Any]] = attrs.field(factory=set, init=False)
     _opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    # Signals that overflowed the queue, encoded, waiting for one background spill.
-    _overflow: deque[tuple[bytes, float]] = attrs.field(factory=deque, init=False)
-    # The overflow signals the spool writer is storing right now (still in memory, pending).
-    _overflow_chunk: list[tuple[bytes, float]] = attrs.field(factory=list, init=False)
+    # Signals that overflowed the queue, encoded, gathered into the next chunk, and the
+    # chunk's body bytes so far (commas included).
+    _gather: deque[tuple[bytes, float]] = attrs.field(factory=deque, init=False)
+    _gather_size: int = attrs.field(default=0, init=False)
+    _seal_scheduled: bool = attrs.field(default=False, init=False)
+    # Sealed chunks not yet accounted (waiting for the spool to open, or with its thread),
+    # oldest first, and how many signals they hold.
+    _chunks: deque[_Chunk] = attrs.field(factory=deque, init=False)
+    _chunked: int = attrs.field(default=0, init=False)
+    # The chunks of ``_chunks`` sealed before the spool had opened.
+    _waiting: deque[_Chunk] = attrs.field(factory=deque, init=False)
     _overflow_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    # Bytes of the overflow (waiting and being written), as counted against OVERFLOW_BYTES.
+    # Bytes of the overflow (gathered and chunked), as counted against OVERFLOW_BYTES.
     _overflow_bytes: int = attrs.field(default=0, init=False)
+    # Recovered records this process holds, by id: [signals of it not yet final here,
+    # whether any of them was handed back]. A record is acked when every one of its signals
+    # reached a final state, else released once none is in flight any more.
+    _held: dict[int, list[int]] = attrs.field(factory=dict, init=False)
+    # Recovered records to ack, gathered for _ACK_GATHER seconds.
+    _acks: list[int] = attrs.field(factory=list, init=False)
 
     # ----------------------------------------------------------------------------- open
 
@@ -202,11 +250,11 @@ class SpoolLink:
         if spool is None:
             self.drop(batch, reason, detail)
             return
-        written = batch.written_ids()
         if batch.recovered:
             # Already on disk and counted there: hand it back for a later attempt.
-            await spool.release(written)
+            self._settle_recovered(spool, batch, handed_back=True)
             return
+        written = batch.written_ids()
         rest = batch.not_written()
         records = [
             SpoolRecord(at, body) for body, at in zip(rest.bodies, rest.received_at, strict=True)
@@ -224,7 +272,7 @@ class SpoolLink:
     def _record_stored(self, bodies: list[bytes], result: AppendResult, detail: str) -> None:
         self.accounting.record_stored(
             bodies,
-            len(result.ids),
+            result.stored,
             result.failed,
             # rejected: this write's own oldest that did not fit (never on disk).
             result.evicted + result.rejected,
@@ -233,11 +281,16 @@ class SpoolLink:
 
     def hand_back(self, batch: Batch) -> None:
         """A delivery was cancelled: what of ``batch`` is on disk goes back to the spool."""
+        spool = self.spool
+        if spool is None:
+            return
+        if batch.recovered:
+            self._settle_recovered(spool, batch, handed_back=True)
+            return
         written = batch.written_ids()
-        if written and self.spool is not None:
-            self.later(self.spool.release(written))
-            if not batch.recovered:
-                self.accounting.record_spooled(len(written))
+        if written:
+            self.later(spool.release(written))
+            self.accounting.record_spooled(len(written))
 
     def drop(self, batch: Batch, reason: DropReason, detail: str = "") -> None:
         """Account ``batch`` as dropped and delete what of it is on disk."""
@@ -249,10 +302,59 @@ class SpoolLink:
 
     def forget(self, batch: Batch) -> None:
         """The batch reached a final state: delete whatever of it is on disk."""
-        if batch.spool_ids and self.spool is not None:
+        spool = self.spool
+        if batch.spool_ids and spool is not None:
+            if batch.recovered:
+                self._settle_recovered(spool, batch, handed_back=False)
+                return
             written = batch.written_ids()
             if written:
-                self.later(self.spool.ack(written))
+                self.later(spool.ack(written))
+
+    def _settle_recovered(self, spool: Spool, batch: Batch, *, handed_back: bool) -> None:
+        """Signals of recovered records are final here (or ``handed_back``): ack each record
+        all of whose signals are final, release each one some of which were handed back,
+        once none of its signals is in flight any more.
+
+        A record's signals may travel in several batches (a 413 or 400 split a batch; a
+        record larger than this client's batches): acking it while one is still in flight
+        would lose that one if this process died; releasing it early would let another
+        process send it while this one still does. Releasing sends all of its signals again
+        later, the delivered ones too: at least once, never lost.
+        """
+        acks: list[int] = []
+        releases: list[int] = []
+        held = self._held
+        for record_id, group in itertools.groupby(batch.spool_ids or ()):
+            if record_id is None:
+                continue
+            state = held.get(record_id)
+            if state is None:  # not claimed by this link (a test's record, a late answer)
+                (releases if handed_back else acks).append(record_id)
+                continue
+            state[0] -= sum(1 for _ in group)
+            state[1] |= handed_back
+            if state[0] <= 0:
+                del held[record_id]
+                (releases if state[1] else acks).append(record_id)
+        if releases:
+            self.later(spool.release(releases))
+        if acks:
+            # Gathered for a moment: one transaction of the spool's thread for the acks of
+            # many deliveries (each transaction costs that thread several GIL hand-offs,
+            # which the loop's own socket calls then wait for).
+            if not self._acks:
+                loop = _running_loop()
+                if loop is None:
+                    self.later(spool.ack(acks))
+                    return
+                loop.call_later(_ACK_GATHER, self._send_acks)
+            self._acks += acks
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if acks and self.spool is not None:
+            self.later(self.spool.ack(acks))
 
     def later(self, work: Any) -> None:
         """Run spool work in the background; close() waits for it."""
@@ -264,11 +366,18 @@ class SpoolLink:
 
     @property
     def overflow_depth(self) -> int:
-        """Overflow signals in memory, waiting for (or being stored by) the spool writer."""
-        return len(self._overflow) + len(self._overflow_chunk)
+        """Overflow signals in memory: being gathered, waiting for, or with the spool writer."""
+        return len(self._gather) + self._chunked
 
     def overflow(self, signal: Signal, spool_id: int | None = None) -> None:
-        """A signal did not fit in the queue: spool it in the background, or drop it."""
+        """A signal did not fit in the queue: spool it, or drop it.
+
+        Runs in the caller's call (``signal_nowait()`` from code that may not yield for a long
+        time), so nothing here waits for the loop to turn: the signal joins a chunk; a full
+        chunk (one batch: ``batch_size`` signals, the batch byte budget) goes straight to the
+        spool's thread, which writes it while the caller keeps running. The signals stay
+        pending until the result comes back to the loop.
+        """
         if spool_id is not None and self.spool is not None:
             # Written ahead: it is on disk already; hand it to the spool for later.
             self.accounting.record_spooled(1)
@@ -278,19 +387,147 @@ class SpoolLink:
         if self.config.spool_dir is None:
             self.drop(Batch([body], [signal.received_at], -1), "queue_full")
             return
-        # One background writer for all overflowing signals, not a task per signal.
-        self._overflow.append((body, signal.received_at))
+        gather = self._gather
+        if gather and (
+            len(gather) >= self.config.batch_size
+            or self._gather_size + len(body) > self._chunk_budget
+        ):
+            self._seal()
+        if not gather and not self._seal_scheduled and (loop := _running_loop()) is not None:
+            # What a burst leaves gathered goes to disk shortly after; not at the next turn
+            # of the loop: a service that turns it between requests would write tiny chunks.
+            self._seal_scheduled = True
+            loop.call_later(_SEAL_AFTER, self._seal_on_turn)
+        gather.append((body, signal.received_at))
+        self._gather_size += len(body) + 1
         self._overflow_bytes += len(body) + _ENTRY_BYTES
-        # Bounded, the chunk being written included: a burst from synchronous code can outrun
+        if len(gather) >= self.config.batch_size:
+            self._seal()
+        # Bounded, chunks with the writer included: a burst from synchronous code can outrun
         # the disk for a moment, but memory stays capped however slow the disk is.
-        while self._overflow and self._overflow_full(0):
-            old_body, old_at = self._overflow.popleft()
-            self._overflow_bytes -= len(old_body) + _ENTRY_BYTES
-            self.drop(Batch([old_body], [old_at], -1), "queue_full")
+        while self._overflow_full(0) and (self._book_written() or self._drop_oldest_overflow()):
+            pass
+
+    def _book_written(self) -> bool:
+        """Book the oldest chunks the spool's thread has finished, in this call: a caller that
+        never yields would otherwise see them count against the bound until the loop turns.
+        True when any was booked (their future's callback, later, then does nothing)."""
+        chunks = self._chunks
+        booked = False
+        while chunks:
+            chunk = chunks[0]
+            ticket = chunk.ticket
+            done = None if ticket is None else ticket.done
+            if ticket is None or done is None or not done.is_set() or ticket.outcome is None:
+                break
+            self._finish_chunk(chunk)
+            self._record_stored(chunk.bodies, ticket.outcome, "")
+            booked = True
+        return booked
+
+    @property
+    def _chunk_budget(self) -> int:
+        config = self.config
+        return batch_budget(config.max_batch_bytes, config.batch_size)
+
+    def _seal_on_turn(self) -> None:
+        self._seal_scheduled = False
+        self._seal()
+
+    def _seal(self) -> None:
+        """The gathered signals become one chunk, handed to the spool's thread when it can
+        take it (else kept for the background writer, which waits for the spool to open)."""
+        gather = self._gather
+        if not gather:
+            return
+        chunk = _Chunk(
+            [body for body, _ in gather],
+            [at for _, at in gather],
+            self._overflow_bytes_of(gather),
+        )
+        gather.clear()
+        self._gather_size = 0
+        self._book_written()
+        self._chunks.append(chunk)
+        self._chunked += len(chunk.bodies)
+        spool = self.spool
+        loop = _running_loop()
+        if spool is not None and not self._waiting and loop is not None:
+            self._hand_over(spool, chunk, loop)
+        else:
+            self._waiting.append(chunk)
+            if loop is not None:
+                self._start_overflow_writer()
+
+    @staticmethod
+    def _overflow_bytes_of(entries: Iterable[tuple[bytes, float]]) -> int:
+        return sum(len(body) + _ENTRY_BYTES for body, _ in entries)
+
+    def _hand_over(self, spool: Spool, chunk: _Chunk, loop: asyncio.AbstractEventLoop) -> None:
+        record = SpoolRecord.chunk(min(chunk.received_at), chunk.bodies)
+        ticket = spool.hand_over(record, loop)
+        if ticket is None or ticket.future is None:
+            self._finish_chunk(chunk)
+            self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+            return
+        chunk.ticket = ticket
+        future = ticket.future
+        self._background.add(future)
+        future.add_done_callback(lambda done: self._chunk_written(chunk, done))
+
+    def _chunk_written(self, chunk: _Chunk, done: asyncio.Future[AppendResult]) -> None:
+        self._background.discard(done)
+        if chunk.settled or done.cancelled():
+            return  # taken back (dropped), or already accounted by an exit without a loop
+        self._finish_chunk(chunk)
+        self._record_stored(chunk.bodies, done.result(), "")
+
+    def _finish_chunk(self, chunk: _Chunk) -> None:
+        """The chunk leaves the overflow (its signals are about to be accounted)."""
+        chunk.settled = True
+        with contextlib.suppress(ValueError):
+            self._chunks.remove(chunk)
+        self._chunked -= len(chunk.bodies)
+        self._overflow_bytes -= chunk.size
+
+    def _drop_oldest_overflow(self) -> bool:
+        """Drop the oldest overflow that can still be taken back; False when none can."""
+        for chunk in self._chunks:
+            ticket = chunk.ticket
+            if ticket is not None and ticket.taken:
+                continue  # being written (never taken back): a read of a bool is enough
+            if ticket is None or self.spool is None or self.spool.withdraw(ticket):
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(chunk)
+                self._finish_chunk(chunk)
+                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+                return True
+        gather = self._gather
+        if len(gather) > 1:  # the writer has all the rest: the oldest gathered one goes
+            body, at = gather.popleft()
+            self._gather_size -= len(body) + 1
+            self._overflow_bytes -= len(body) + _ENTRY_BYTES
+            self.drop(Batch([body], [at], -1), "queue_full")
+            return True
+        return False
+
+    def _start_overflow_writer(self) -> None:
         if self._overflow_task is None or self._overflow_task.done():
-            self._overflow_task = asyncio.ensure_future(self._spill_overflow())
+            self._overflow_task = asyncio.ensure_future(self._write_waiting())
             self._background.add(self._overflow_task)
             self._overflow_task.add_done_callback(self._background.discard)
+
+    async def _write_waiting(self) -> None:
+        """Chunks sealed before the spool had opened: hand them over once it has."""
+        spool = await self.usable()
+        waiting = self._waiting
+        while waiting:
+            chunk = waiting.popleft()
+            if spool is None:
+                self._finish_chunk(chunk)
+                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+            else:
+                self._hand_over(spool, chunk, asyncio.get_running_loop())
 
     async def wait_for_overflow_room(self, timeout: float) -> None:
         """For ``await signal()``: while the spool writer is behind, wait (bounded) for it.
@@ -298,13 +535,17 @@ class SpoolLink:
         Awaiting callers then slow down to the disk's pace instead of losing signals; callers
         that cannot wait (``signal_nowait()``) drop the oldest overflow as ``queue_full``.
         """
-        task = self._overflow_task
-        if task is None or task.done():
-            return
         if self.overflow_depth < AWAITED_OVERFLOW and not self._overflow_full(1):
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+        for chunk in self._chunks:
+            ticket = chunk.ticket
+            waited: asyncio.Future[Any] | None = None if ticket is None else ticket.future
+            if waited is None:
+                waited = self._overflow_task
+            if waited is not None and not waited.done():
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(waited), timeout)
+            return
 
     def _overflow_full(self, slack: int) -> bool:
         """True when the overflow is over its bound (by more than ``slack`` signals)."""
@@ -313,48 +554,35 @@ class SpoolLink:
             depth > 1 and self._overflow_bytes > OVERFLOW_BYTES
         )
 
-    async def _spill_overflow(self) -> None:
-        # One deque for the client's life (emptied in place, never replaced): a chunk handed
-        # back below always lands where close() and the exit hook look.
-        overflow = self._overflow
-        while overflow:
-            chunk = self._overflow_chunk = []
-            bodies: list[bytes] = []
-            records: list[SpoolRecord] = []
-            try:
-                spool = await self.usable()
-                # A large chunk per write, its records made a slice per turn of the loop.
-                while overflow and len(chunk) < _SPILL_CHUNK:
-                    if chunk:
-                        await asyncio.sleep(0)
-                    take = min(len(overflow), _SPILL_SLICE, _SPILL_CHUNK - len(chunk))
-                    part = [overflow.popleft() for _ in range(take)]
-                    chunk += part
-                    bodies += [body for body, _ in part]
-                    records += [SpoolRecord(at, body) for body, at in part]
-                if spool is None:
-                    self.drop(Batch(bodies, [at for _, at in chunk], -1), "queue_full")
-                else:
-                    result = await spool.append(records)
-                    self._record_stored(bodies, result, "")
-            except asyncio.CancelledError:
-                # Not written (or not known to be): back in front of the rest, where a
-                # close() or the exit hook finds it.
-                overflow.extendleft(reversed(chunk))
-                chunk = []
-                raise
-            finally:
-                self._overflow_chunk = []
-                self._overflow_bytes -= sum(len(body) for body, _ in chunk)
-                self._overflow_bytes -= _ENTRY_BYTES * len(chunk)
-
     def take_overflow(self) -> Batch:
-        """Every overflow signal still in memory, taken out (for an exit without a loop)."""
-        overflow = [*self._overflow_chunk, *self._overflow]
-        self._overflow.clear()
-        self._overflow_chunk = []
+        """Every overflow signal still in memory, taken out (for an exit without a loop).
+
+        Chunks the spool's thread had already begun writing are waited for (bounded) and
+        accounted here; those it could not finish in time are returned too (written again:
+        at least once).
+        """
+        bodies: list[bytes] = []
+        received: list[float] = []
+        spool = self.spool
+        for chunk in list(self._chunks):
+            ticket = chunk.ticket
+            if ticket is not None and spool is not None and not spool.withdraw(ticket):
+                done = ticket.done
+                if done is not None and done.wait(_EXIT_WAIT) and ticket.outcome is not None:
+                    self._finish_chunk(chunk)
+                    self._record_stored(chunk.bodies, ticket.outcome, "")
+                    continue
+            self._finish_chunk(chunk)
+            bodies += chunk.bodies
+            received += chunk.received_at
+        self._waiting.clear()
+        for body, at in self._gather:
+            bodies.append(body)
+            received.append(at)
+        self._gather.clear()
+        self._gather_size = 0
         self._overflow_bytes = 0
-        return Batch([b for b, _ in overflow], [at for _, at in overflow], -1)
+        return Batch(bodies, received, -1)
 
     def append_blocking(self, records: list[SpoolRecord]) -> tuple[int, int, int]:
         """Store ``records`` pending, blocking, with no event loop; (stored, failed, evicted).
@@ -383,7 +611,7 @@ class SpoolLink:
                 "could not write %d signal(s) to the spool at exit", len(records), exc_info=True
             )
             return 0, len(records), 0
-        return len(result.ids), result.failed, result.evicted + result.rejected
+        return result.stored, result.failed, result.evicted + result.rejected
 
     # ----------------------------------------------------------------------------- recovery
 
@@ -455,9 +683,8 @@ class SpoolLink:
                 else:
                     # The spool gives back what a cancelled claim had already taken.
                     claiming.cancel()
-            unsent = [i for batch in ready for i in batch.written_ids()]
-            if unsent:
-                self.later(spool.release(unsent))
+            for batch in ready:
+                self._settle_recovered(spool, batch, handed_back=True)
 
     def _claim_size(self, sender: Sender) -> int:
         """Batches per claim: one while probing, else enough to keep every slot busy."""
@@ -471,13 +698,43 @@ class SpoolLink:
         self.accounting.record_dropped("expired", claims[0].expired, from_spool=True)
         batches = []
         for claim in claims:
-            if claim.records:
-                ids: list[int | None] = [record_id for record_id, _ in claim.records]
-                bodies = [body for _, body in claim.records]
-                batches.append(
-                    Batch(bodies, [0.0] * len(bodies), RECOVERED_SEQ, ids, recovered=True)
-                )
+            batches += self._recovered_batches(claim, budget)
         return batches
+
+    def _recovered_batches(self, claim: ClaimResult, budget: int) -> list[Batch]:
+        """The claimed records as batches: usually one (a chunk is one batch already); a
+        claim that does not fit this client's batches (written with other settings) is cut
+        per signal. Every record's signals are counted in ``_held`` until final."""
+        limit = self.config.batch_size
+        held = self._held
+        sizes = claim.sizes or (None,) * len(claim.records)
+        for (record_id, _), packed in zip(claim.records, sizes, strict=True):
+            held[record_id] = [1 if packed is None else len(packed) // 4, 0]
+        if len(sizes) == 1 and sizes[0] is not None:
+            # The common case: one chunk, one batch, its bodies sliced out of the record.
+            ((record_id, body),) = claim.records
+            bodies = split_chunk(body, sizes[0])
+            if len(bodies) <= limit and len(body) <= budget:
+                return [self._recovered(bodies, [record_id] * len(bodies))]
+        batches = []
+        bodies = []
+        ids: list[int | None] = []
+        size = 0
+        for (record_id, body), packed in zip(claim.records, sizes, strict=True):
+            for part in split_chunk(body, packed):
+                if bodies and (len(bodies) >= limit or size + len(part) + 1 > budget):
+                    batches.append(self._recovered(bodies, ids))
+                    bodies, ids, size = [], [], 0
+                bodies.append(part)
+                ids.append(record_id)
+                size += len(part) + 1
+        if bodies:
+            batches.append(self._recovered(bodies, ids))
+        return batches
+
+    @staticmethod
+    def _recovered(bodies: list[bytes], ids: list[int | None]) -> Batch:
+        return Batch(bodies, [0.0] * len(bodies), RECOVERED_SEQ, ids, recovered=True)
 
     # ----------------------------------------------------------------------------- close
 
@@ -494,22 +751,40 @@ class SpoolLink:
 
         ``flush()`` ends with it: a process frozen or killed right after (AWS Lambda, a job
         ending with ``os._exit``) must not find delivered records still on disk at its next
-        start, or they are sent again.
+        start, or they are sent again. Overflow still being gathered is handed over first.
         """
-        if self._background and timeout > 0:
+        self._seal()
+        self._send_acks()
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        if self._background:
             await asyncio.wait(list(self._background), timeout=timeout)
+        spool = self.spool
+        if spool is not None and not spool.closed and not spool.disabled:
+            # Acks are write-behind (queued, not yet committed): wait until the spool's thread
+            # has committed everything queued so far.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(spool.barrier(), max(end - loop.time(), 0.01))
 
     async def close(self, end: float) -> None:
         """At close, by loop time ``end``: finish background writes, drop what the disk could
         not take in time, read the last figures and close the spool."""
         loop = asyncio.get_running_loop()
+        self._seal()
+        self._send_acks()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
-        if self._overflow:  # the disk was too slow for the close budget
-            chunk = list(self._overflow)
-            self._overflow.clear()
-            self._overflow_bytes = 0
-            self.drop(Batch([b for b, _ in chunk], [at for _, at in chunk], -1), "shutdown")
+        spool = self.spool
+        for chunk in list(self._chunks):  # the disk was too slow for the close budget
+            ticket = chunk.ticket
+            if ticket is None or spool is None or spool.withdraw(ticket):
+                self._finish_chunk(chunk)
+                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "shutdown")
+            # else: being written; the spool's close below waits for it, and its result
+            # reaches the books before that close returns.
+        self._waiting.clear()
         # The spool may still be opening (a very short-lived client): wait, then close it, so
         # its thread never outlives the client.
         spool = None if self._opening is None else await asyncio.shield(self._opening)

@@ -113,7 +113,7 @@ async def test_claim_returns_oldest_received_first(spool: Spool) -> None:
 async def test_append_returns_ids_in_order(spool: Spool) -> None:
     """The ids of an append name the given records, in order."""
     result = await spool.append(records(3))
-    assert result == AppendResult(result.ids, 0, 0)
+    assert result == AppendResult(result.ids, 0, 0, 0, 3)
     claim = await spool.claim(3)
     assert dict(claim.records) == dict(zip(result.ids, (body(0), body(1), body(2)), strict=True))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from telemetrydeck_async import TelemetryClient
-from telemetrydeck_async._spool import SpoolRecord, open_spool
+from telemetrydeck_async._spool import SpoolRecord, open_spool, split_chunk
 from telemetrydeck_async.devserver import IngestEmulator
 from tests.helpers import (
     SHORT_DEADLINE,
@@ -66,8 +66,8 @@ def on_disk(spool_dir: Path) -> list[int]:
     """The ``Test.id`` of every record in the spool, oldest first, read by SQLite read-only."""
     uri = f"file:{spool_dir / 'spool.sqlite3'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-        bodies = conn.execute("SELECT body FROM records ORDER BY received_at, id").fetchall()
-    return [json.loads(body)["payload"]["Test.id"] for (body,) in bodies]
+        rows = conn.execute("SELECT body, sizes FROM records ORDER BY received_at, id").fetchall()
+    return [json.loads(part)["payload"]["Test.id"] for row in rows for part in split_chunk(*row)]
 
 
 def free_bytes(path: Path) -> int:
