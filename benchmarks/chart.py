@@ -28,7 +28,7 @@ _COLOURS = {"sdk": "#1f77b4", "hand": "#7f7f7f", "peer": "#ff7f0e"}
 def _kind(key: str) -> str:
     if key.startswith("peers.sdk") or key in ("nowait", "middleware"):
         return "sdk"
-    if key.startswith("peers.hand") or key == "none":
+    if key.startswith("peers.hand") or key in ("none", "none-again"):
         return "hand"
     return "peer"
 
@@ -89,7 +89,9 @@ def draw(rows: list[Row], path: Path, title: str) -> list[str]:
         elif panel == "service":
             labels = [row.extra["label"].replace("`", "") for row in service]
             keys = [row.key.split(".")[1] for row in service]
-            ratios = [row.ratio or 0.0 for row in service]
+            # The paired figures the table reports (each round against its own no-SDK
+            # server), falling back to the medians' ratio for results written without them.
+            ratios = [row.extra.get("paired_ratio", row.ratio) or 0.0 for row in service]
             cpu = [by_key[f"service.{key}.cpu"] for key in keys]
             bars = ax.barh(labels, ratios, color=[_COLOURS[_kind(k)] for k in keys])
             ax.invert_yaxis()
@@ -98,7 +100,8 @@ def draw(rows: list[Row], path: Path, title: str) -> list[str]:
             ax.bar_label(
                 bars,
                 labels=[
-                    f"{r:.2f}x, CPU {c.value - (c.baseline or 0):+.0f} µs/req"
+                    f"{r:.2f}x, CPU "
+                    f"{c.extra.get('paired_us', c.value - (c.baseline or 0)):+.0f} µs/req"
                     for r, c in zip(ratios, cpu, strict=True)
                 ],
                 fontsize=8,

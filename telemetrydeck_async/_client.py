@@ -1009,11 +1009,13 @@ class TelemetryClient(Presets):
 
         The arguments are validated in the calling thread, so a bad call raises
         :class:`InvalidSignalError` there and queues nothing; the signal is then handed to the
-        client's loop with ``loop.call_soon_threadsafe`` and this returns at once. The client
-        must have been started on its loop first (``async with`` or ``await start()``),
-        otherwise ``WrongEventLoopError``; once it is closed, or its loop has ended,
-        ``ClientClosedError``. A signal that reaches the loop after ``aclose()`` began is
-        counted as dropped (reason ``shutdown``), never left pending.
+        client's loop through an inbox (one ``loop.call_soon_threadsafe`` wake-up per burst)
+        and this returns at once. The client must have been started on its loop first
+        (``async with`` or ``await start()``), otherwise ``WrongEventLoopError``; once it is
+        closed, or its loop has ended, ``ClientClosedError``. A call that returned is always
+        in the books: a close takes what was handed over before it, a signal that reaches the
+        loop after ``aclose()`` began is counted as dropped (reason ``shutdown``), and a call
+        that loses the race to a close raises ``ClientClosedError`` instead.
         """
         if not self._gate("threadsafe"):
             self._validate_disabled(
