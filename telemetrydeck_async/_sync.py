@@ -129,20 +129,9 @@ class _Emitter(Presets):
     def __init__(self, facade: SyncTelemetryClient) -> None:
         self._facade = facade
 
-    async def _emit(
-        self,
-        signal_type: str,
-        params: dict[str, PayloadValue],
-        *,
-        client_user: str | None = None,
-        session_id: str | None = None,
-        payload: Mapping[str, Any] | None = None,
-        float_value: float | None = None,
-        test_mode: bool | None = None,
-    ) -> None:
-        self._facade._hand_over(
-            signal_type, client_user, session_id, payload, float_value, test_mode, params
-        )
+    async def _emit(self, signal_type: str, params: dict[str, PayloadValue], **fields: Any) -> None:
+        # The facade never waits: awaited presets take the same path as the others.
+        self._emit_nowait(signal_type, params, **fields)
 
     def _emit_nowait(
         self,
