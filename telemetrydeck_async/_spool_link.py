@@ -535,17 +535,18 @@ class SpoolLink:
         Awaiting callers then slow down to the disk's pace instead of losing signals; callers
         that cannot wait (``signal_nowait()``) drop the oldest overflow as ``queue_full``.
         """
-        if self.overflow_depth < AWAITED_OVERFLOW and not self._overflow_full(1):
+        if not self._chunks or (
+            self.overflow_depth < AWAITED_OVERFLOW and not self._overflow_full(1)
+        ):
             return
-        for chunk in self._chunks:
-            ticket = chunk.ticket
-            waited: asyncio.Future[Any] | None = None if ticket is None else ticket.future
-            if waited is None:
-                waited = self._overflow_task
-            if waited is not None and not waited.done():
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(waited), timeout)
-            return
+        # The oldest chunk: its write, or the writer waiting for the spool to open.
+        ticket = self._chunks[0].ticket
+        waited: asyncio.Future[Any] | None = None if ticket is None else ticket.future
+        if waited is None:
+            waited = self._overflow_task
+        if waited is not None and not waited.done():
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(waited), timeout)
 
     def _overflow_full(self, slack: int) -> bool:
         """True when the overflow is over its bound (by more than ``slack`` signals)."""
