@@ -1061,7 +1061,10 @@ class TelemetryClient(Presets):
     def _take_handed_over(self) -> None:
         """On the loop: queue what other threads handed over (see ``_enqueue_anywhere``)."""
         self._drain_scheduled = False
-        self._flusher.take_handed_over()
+        if self._flusher.take_handed_over():
+            # More arrived meanwhile: another turn, after the loop's other callbacks.
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._take_handed_over)
 
     # ----------------------------------------------------------------------------- presets
 

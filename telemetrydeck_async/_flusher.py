@@ -107,23 +107,31 @@ class Flusher:
         self.link.overflow(signal, spool_id)
         return False
 
-    def take_handed_over(self) -> None:
-        """On the loop: queue the signals other threads handed over.
+    def take_handed_over(self) -> bool:
+        """On the loop: queue the signals other threads had handed over when it began.
 
-        Once the flusher is stopping nothing sends the queue for long, so each is counted and
-        dropped (``shutdown``) instead; the close itself queues those handed over before it.
+        Only those: threads that keep handing over must not hold the loop in this call (a
+        ``loop.stop()`` or a close behind it would never run). True when more arrived
+        meanwhile, for the caller to schedule another turn. Once the flusher is stopping
+        nothing sends the queue for long, so each is counted and dropped (``shutdown``)
+        instead; the close itself queues those handed over before it.
         """
         inbox = self.handed_over
+        take = inbox.popleft
+        count = len(inbox)
         if not self._stopping:
-            while inbox:
-                self.admit(inbox.popleft())
-            return
+            while count and inbox:  # a racing caller may have taken its own back
+                count -= 1
+                self.admit(take())
+            return bool(inbox)
         bodies = []
-        while inbox:
+        while count and inbox:
+            count -= 1
             self.accounting.record_enqueued()
-            bodies.append(encode_signal(inbox.popleft(), self.config.app_id))
+            bodies.append(encode_signal(take(), self.config.app_id))
         if bodies:
             self.accounting.record_dropped("shutdown", len(bodies), lambda: decode_bodies(bodies))
+        return bool(inbox)
 
     # ----------------------------------------------------------------------------- lifecycle
 

@@ -32,7 +32,11 @@ def test_every_threadsafe_call_that_returned_is_accounted_at_exit(
     assert pending == 0
     assert enqueued == sent + spooled + dropped
     arrived = [s for s in threaded_emulator.emu.signals if s["type"] == "App.Race.tick"]
-    assert len(arrived) == sent
-    if mode == "stopped":
-        # No loop at exit: nothing more can be sent, the rest is accounted as shutdown.
+    if mode == "running":
+        assert len(arrived) == sent
+    else:
+        # No loop at exit: nothing more can be sent, the rest is accounted as shutdown. A
+        # request in flight when the loop stopped may have reached the server unconfirmed:
+        # it arrived, and the client, never told, counted it as dropped.
         assert dropped == enqueued - sent > 0
+        assert sent <= len(arrived) <= sent + dropped
