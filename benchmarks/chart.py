@@ -11,11 +11,17 @@ file's suffix) with up to five panels:
 
 A panel whose figure did not run is left out. Without matplotlib no chart is drawn, and the
 reason is printed; the table and the JSON file are written all the same.
+
+``python -m benchmarks.chart RESULTS.json OUT.svg`` draws the chart again from a run's JSON file
+(``benchmarks/results.json`` by default), so the chart and the table always come from one run.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +133,57 @@ def draw(rows: list[Row], path: Path, title: str) -> list[str]:
     fig.savefig(path)
     plt.close(fig)
     return panels
+
+
+def title_of(info: dict[str, Any]) -> str:
+    """The chart's title: the run's mode, date and machine."""
+    return (
+        f"telemetrydeck-async benchmarks ({info['mode']}), {info['date']}, {info['machine']['cpu']}"
+    )
+
+
+def rows_from_json(info: dict[str, Any]) -> list[Row]:
+    """The rows of a run, read back from the JSON file the suite wrote."""
+    return [
+        Row(
+            key=raw["key"],
+            figure=raw["figure"],
+            value=raw["value"],
+            unit=raw["unit"],
+            baseline=raw.get("baseline"),
+            target=raw.get("target", "—"),
+            met=raw.get("met"),
+            note=raw.get("note", ""),
+            extra=raw.get("extra", {}),
+        )
+        for raw in info["rows"]
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw the chart of a finished run from its JSON file."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.chart", description="draw the chart of a run from its JSON"
+    )
+    parser.add_argument(
+        "results", type=Path, nargs="?", default=Path(__file__).parent / "results.json"
+    )
+    parser.add_argument(
+        "chart", type=Path, nargs="?", default=Path(__file__).parent / "results.svg"
+    )
+    args = parser.parse_args(argv)
+    why_not = available()
+    if why_not is not None:
+        print(f"no chart: {why_not}", file=sys.stderr)
+        return 1
+    info = json.loads(args.results.read_text())
+    panels = draw(rows_from_json(info), args.chart, title_of(info))
+    if not panels:
+        print(f"no chart: {args.results} holds none of its figures", file=sys.stderr)
+        return 1
+    print(f"chart ({', '.join(panels)}) drawn to {args.chart}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

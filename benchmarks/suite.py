@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if why_not is not None:
         print(f"no chart: {why_not}", file=sys.stderr)
     else:
-        title = f"telemetrydeck-async benchmarks ({info['mode']}), {info['date']}, {mach['cpu']}"
-        panels = chart.draw(rows, args.chart, title)
+        panels = chart.draw(rows, args.chart, chart.title_of(info))
         if panels:
             print(f"chart ({', '.join(panels)}) drawn to {args.chart}", file=sys.stderr)
         else:
