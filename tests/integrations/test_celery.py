@@ -2,7 +2,7 @@
 
 Tasks queue signals with a long flush interval; the worker is stopped with SIGTERM (a warm
 shutdown), and the close wired by connect() must deliver every task's signal: from each
-prefork child (worker_process_shutdown) and from the solo pool's main process
+prefork child (worker_process_shutdown) and from the main process of the solo and threads pools
 (worker_shutdown).
 """
 
@@ -24,7 +24,7 @@ BOUND = 90.0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pool", ["prefork", "solo"])
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
 async def test_a_stopped_worker_delivers_every_tasks_signal(
     emulator: IngestEmulator, procs: list[_proc.Proc], tmp_path: Path, pool: str
 ) -> None:
@@ -33,7 +33,7 @@ async def test_a_stopped_worker_delivers_every_tasks_signal(
     sender = await _proc.start("-m", "tests.scripts.celery_app", "send", str(TASKS), env=env)
     procs.append(sender)
     assert await sender.finish(BOUND) == 0, sender.output
-    concurrency = ["--concurrency", "2"] if pool == "prefork" else []
+    concurrency = ["--concurrency", "2"] if pool != "solo" else []
     worker = await _proc.start(
         "-m", "celery", "-A", "tests.scripts.celery_app", "worker", "--pool", pool,
         *concurrency, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
