@@ -200,6 +200,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.1f} MiB"
     if unit == "":
         return f"{value:,.0f}"
+    if unit == "instr":
+        return f"{value:,.0f}"
     return f"{value:g} {unit}"
 
 

@@ -34,7 +34,7 @@ _COLOURS = {"sdk": "#1f77b4", "hand": "#7f7f7f", "peer": "#ff7f0e"}
 def _kind(key: str) -> str:
     if key.startswith("peers.sdk") or key in ("nowait", "middleware"):
         return "sdk"
-    if key.startswith("peers.hand") or key in ("none", "none-again"):
+    if key.startswith("peers.hand") or key in ("none", "none-again", "hand"):
         return "hand"
     return "peer"
 

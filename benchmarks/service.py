@@ -12,6 +12,9 @@ every round (the order rotates from round to round):
 * ``nowait``: the handler calls ``td.signal_nowait()`` (the client made by
   ``telemetry_lifespan``, sending to the loopback sink);
 * ``middleware``: ``TelemetryMiddleware`` as in docs/integrations.md, the handler untouched;
+* ``hand``: the same-bytes hand-written client in the handler (the practical limit, as in the
+  other figures): it builds the wire object the SDK sends for ``nowait`` (user hash cached),
+  appends it, and POSTs every 100 as one array (the fastest encoder, at most two in flight);
 * ``posthog`` / ``segment``: the peers' capture call in the handler (the ``bench`` extra).
 
 Per variant: requests/s, p99 latency (as the driver sees it) and the server's CPU time per
@@ -24,6 +27,13 @@ Usage of the helper processes (the figure starts them): ``python -m benchmarks.s
 --variant V --sink URL`` prints ``PORT <n>`` and serves until its standard input closes;
 ``python -m benchmarks.service drive --port N --requests N`` prints one JSON line.
 
+**Instructions** (``service-count``, when valgrind is installed): the same servers, one of each,
+run under callgrind, which counts the instructions the server executes for ``COUNT_REQUESTS``
+requests after a warm-up. A count does not move with the machine's load, so it resolves what
+the CPU time cannot here: the A/A pair differs by a fraction of a percent. Each variant's
+count is given against ``none`` as a share of the no-SDK request; the issue's +10 µs on its
+198 µs no-SDK request is +5.1 %.
+
 ``python -m benchmarks.service shares --variant middleware`` samples a loaded server with
 py-spy (installed separately) and prints the share of its time per owner: the SDK's call,
 the SDK's sending, the web stack. On a machine too busy for the CPU figure to resolve a few
@@ -35,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import resource
 import shutil
@@ -53,23 +64,30 @@ from ._common import (
     NAMESPACE,
     ROOT,
     SALT,
+    SDK_PARAMETERS,
     SESSION_ID,
     USERS,
+    BaselineSender,
     Row,
     Sink,
+    cached_hash,
     child_env,
     median,
     percentile,
 )
-from .figures import Settings
+from .figures import FASTEST, Settings
 from .peers import _installed
 
 CONNECTIONS = 32
-VARIANTS = ("none", "none-again", "nowait", "middleware", "posthog", "segment")
+VARIANTS = ("none", "none-again", "hand", "nowait", "middleware", "posthog", "segment")
 #: The variants with a target: this SDK's.
 OURS = ("nowait", "middleware")
+#: The variants whose signals the sink counts as this SDK's (by their wire format).
+WIRE = (*OURS, "hand")
 #: The variants that send something per request.
-SIGNALLING = (*OURS, "posthog", "segment")
+SIGNALLING = (*WIRE, "posthog", "segment")
+#: The issue's target, +10 µs of server CPU on its 198 µs no-SDK request, as a share.
+TARGET_SHARE = 10.0 / 198.0
 REQUEST_SIGNAL = "Bench.Request.handled"
 
 # ----------------------------------------------------------------------------- the server
@@ -89,7 +107,11 @@ def _app(variant: str, sink_url: str) -> Any:
         )
 
     peer: Any = None
-    if variant == "posthog":
+    hand: BaselineSender | None = None
+    if variant == "hand":
+        hand = BaselineSender(sink_url + f"/v2/namespace/{NAMESPACE}/", batch=100,
+                              encoder=FASTEST, same_bytes=True)  # fmt: skip
+    elif variant == "posthog":
         from posthog.async_client import AsyncClient
 
         peer = AsyncClient("phc_bench", host=sink_url)
@@ -98,7 +120,16 @@ def _app(variant: str, sink_url: str) -> Any:
 
         peer = Client(write_key="bench", host=sink_url)
 
-    lifespan = telemetry_lifespan(make_client) if variant in OURS else None
+    lifespan: Any = telemetry_lifespan(make_client) if variant in OURS else None
+    if hand is not None:
+
+        @contextlib.asynccontextmanager
+        async def hand_lifespan(_app: Any) -> AsyncIterator[None]:
+            async with hand:
+                yield None
+                await hand.drain()
+
+        lifespan = hand_lifespan
     app = FastAPI(lifespan=lifespan)
     if variant == "middleware":
         app.add_middleware(TelemetryMiddleware)
@@ -112,7 +143,9 @@ def _app(variant: str, sink_url: str) -> Any:
     @app.get("/_close")
     async def close() -> JSONResponse:
         """Flush the peer's queue (the SDK variants flush at shutdown, in the lifespan)."""
-        if variant == "posthog":
+        if hand is not None:
+            await hand.drain()
+        elif variant == "posthog":
             await peer.flush()
         elif variant == "segment":
             await asyncio.to_thread(peer.flush)
@@ -126,6 +159,33 @@ def _app(variant: str, sink_url: str) -> Any:
             app.state.telemetry.signal_nowait(
                 REQUEST_SIGNAL, client_user=USERS[i & 3], payload={"Bench.route": "/"}
             )
+            return {"hello": "world"}
+
+    elif hand is not None:
+        sender = hand
+        user_hashes = [cached_hash(user) for user in USERS]
+        route_payload = {**SDK_PARAMETERS, "Bench.route": "/"}
+
+        @app.get("/")
+        async def hello_hand() -> dict[str, str]:
+            # What the SDK sends for the nowait variant, built by hand: the wire object with
+            # the user hash cached and the SDK's payload keys, appended; every 100 are POSTed.
+            i = next(counter)
+            sender.buffer.append(
+                {
+                    "appID": APP_ID,
+                    "clientUser": user_hashes[i & 3],
+                    "sessionID": SESSION_ID,
+                    "type": REQUEST_SIGNAL,
+                    "isTestMode": False,
+                    "receivedAt": dt.datetime.now(dt.timezone.utc)
+                    .isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"),
+                    "payload": route_payload,
+                }
+            )
+            if len(sender.buffer) >= sender.batch:
+                await sender.send_buffer()
             return {"hello": "world"}
 
     elif variant == "posthog":
@@ -307,9 +367,16 @@ async def _drive(port: int, requests: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _server(variant: str, sink: Sink) -> AsyncIterator[tuple[int, int]]:
-    """A fresh server of ``variant`` aimed at ``sink``: its (pid, port), stopped at the end."""
+async def _server(
+    variant: str, sink: Sink, wrap: tuple[str, ...] = (), patience: float = 60.0
+) -> AsyncIterator[tuple[int, int]]:
+    """A fresh server of ``variant`` aimed at ``sink``: its (pid, port), stopped at the end.
+
+    ``wrap``: a command to run the server under (valgrind), ``patience`` the seconds its
+    start and its stop may take.
+    """
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "benchmarks.service",
@@ -325,7 +392,7 @@ async def _server(variant: str, sink: Sink) -> AsyncIterator[tuple[int, int]]:
     )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        line = await asyncio.wait_for(proc.stdout.readline(), patience)
         if not line.startswith(b"PORT "):
             raise RuntimeError(f"the server did not start: {line!r}")
         yield proc.pid, int(line.split()[1])
@@ -333,7 +400,7 @@ async def _server(variant: str, sink: Sink) -> AsyncIterator[tuple[int, int]]:
         assert proc.stdin is not None
         proc.stdin.close()  # uvicorn shuts down: the lifespan closes (and flushes) the client
         try:
-            await asyncio.wait_for(proc.wait(), 30)
+            await asyncio.wait_for(proc.wait(), patience / 2)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -341,7 +408,7 @@ async def _server(variant: str, sink: Sink) -> AsyncIterator[tuple[int, int]]:
 
 async def _round(variant: str, sink: Sink, requests: int) -> dict[str, Any]:
     """One fresh server: warm up, measure, stop; what reached the sink."""
-    what = "signals" if variant in OURS else "events"  # the sink counts each kind apart
+    what = "signals" if variant in WIRE else "events"  # the sink counts each kind apart
     before = await sink.count(what)
     async with _server(variant, sink) as (_, port):
         warm = max(requests // 10, 200)
@@ -358,6 +425,92 @@ async def _round(variant: str, sink: Sink, requests: int) -> dict[str, Any]:
     control = 3 if variant == "middleware" else 0
     result["sent_total"] = (warm + requests + control) if variant in SIGNALLING else 0
     return result
+
+
+# ----------------------------------------------------------------------------- instructions
+
+#: Requests counted per variant under callgrind (after ``COUNT_WARMUP`` uncounted ones):
+#: about 30 ms each there, so a variant takes about a minute.
+COUNT_REQUESTS = 1_500
+COUNT_WARMUP = 300
+#: The variants counted: the SDK's, the A/A pair and the hand-written limit.
+COUNTED = ("none", "none-again", "hand", "nowait", "middleware")
+
+
+def _callgrind() -> tuple[str, str] | None:
+    """valgrind and callgrind_control, when both are installed."""
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    return (valgrind, control) if valgrind and control else None
+
+
+async def _control(control: str, *args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        control, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    if await asyncio.wait_for(proc.wait(), 120) != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed")
+
+
+async def _count_round(variant: str, sink: Sink, requests: int, tools: tuple[str, str]) -> float:
+    """Instructions the server of ``variant`` executes per request, warm, under callgrind."""
+    valgrind, control = tools
+    with tempfile.TemporaryDirectory() as tmp:
+        wrap = (
+            valgrind, "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
+            f"--callgrind-out-file={tmp}/cg.%p", f"--log-file={tmp}/valgrind.log",
+        )  # fmt: skip
+        async with _server(variant, sink, wrap, patience=600.0) as (pid, port):
+            await _drive(port, COUNT_WARMUP)
+            await _control(control, "-i", "on", str(pid))
+            await _drive(port, requests)
+            await _control(control, "-d", str(pid))  # writes cg.<pid>.1: the counted part
+            await _control(control, "-i", "off", str(pid))
+            await _get(port, "/_close")
+        dump = Path(tmp) / f"cg.{pid}.1"
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1]) / requests
+    raise RuntimeError(f"no instruction count in {dump.name}")
+
+
+async def instructions(s: Settings, sink: Sink) -> list[Row]:
+    """Instructions per request of each variant's server, against the no-SDK server's."""
+    tools = _callgrind()
+    why = None
+    if s.quick:
+        why = "quick mode: the instruction count runs in the full suite only"
+    elif tools is None:
+        why = "valgrind is not installed (apt-get install valgrind)"
+    elif not (_installed("fastapi") and _installed("uvicorn")):
+        why = "fastapi and uvicorn are not installed: pip install -e '.[bench]'"
+    if why is not None or tools is None:
+        print(f"    service-count: skipped: {why}", file=sys.stderr, flush=True)
+        return [Row("service-count", "service instructions per request", None, "", note=why or "")]
+    got = {variant: await _count_round(variant, sink, COUNT_REQUESTS, tools) for variant in COUNTED}
+    base = got["none"]
+    rows: list[Row] = []
+    for variant in COUNTED[1:]:
+        share = got[variant] / base - 1.0
+        ours = variant in OURS
+        rows.append(
+            Row(
+                f"service-count.{variant}",
+                f"server instructions per request, {LABELS[variant]} ({share * 100:+.1f} %)",
+                got[variant],
+                "instr",
+                base,
+                "≤ +5.1 % (+10 µs of 198 µs)" if ours else "—",
+                met=(share <= TARGET_SHARE) if ours else None,
+                note=(
+                    f"callgrind, {COUNT_REQUESTS} requests after {COUNT_WARMUP} over "
+                    f"{CONNECTIONS} connections, one server each; "
+                    f"{got[variant] - base:+,.0f} instructions per request; at the issue's "
+                    f"198 µs no-SDK request that is {share * 198:+.1f} µs"
+                ),
+                extra={"label": LABELS[variant], "share": share},
+            )
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------- the shares
@@ -431,7 +584,7 @@ def variants(quick: bool) -> tuple[list[str], list[str]]:
     skipped = []
     if not (_installed("fastapi") and _installed("uvicorn")):
         return [], ["fastapi and uvicorn are not installed: pip install -e '.[bench]'"]
-    run = ["none", "none-again", "nowait", "middleware"]
+    run = ["none", "none-again", "hand", "nowait", "middleware"]
     if quick:  # CI: the SDK's variants only, to stay fast
         return run, ["quick mode: the peers' variants run in the full suite only"]
     if _installed("posthog") and _installed("httpx"):
@@ -448,6 +601,7 @@ def variants(quick: bool) -> tuple[list[str], list[str]]:
 LABELS = {
     "none": "no analytics",
     "none-again": "no analytics again (A/A)",
+    "hand": "same-bytes hand-written client in the handler",
     "nowait": "`td.signal_nowait()` in the handler",
     "middleware": "`TelemetryMiddleware`",
     "posthog": "posthog `AsyncClient.capture()` in the handler",

@@ -27,7 +27,7 @@ from .figures import Settings, burst, caller_cost, loop_stall, shutdown, through
 from .hooks import hook_cost
 from .memory import memory
 from .peers import peers
-from .service import service
+from .service import instructions, service
 from .spooling import spool_figures
 from .sync import sync_caller_cost
 
@@ -43,6 +43,7 @@ FIGURES = (
     "sync",
     "peers",
     "service",
+    "service-count",
 )
 
 
@@ -105,6 +106,7 @@ async def run(settings: Settings, only: set[str]) -> tuple[list[Row], list[str]]
             "sync": with_sink(sync_caller_cost),
             "peers": with_sink(peers),
             "service": with_sink(service),
+            "service-count": with_sink(instructions),
         }
         for name in FIGURES:
             if name not in only:
