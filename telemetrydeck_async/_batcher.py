@@ -1,13 +1,14 @@
 """The bounded in-memory queue and batch assembly. No I/O happens here.
 
-``put()`` is on the caller's hot path: it encodes the signal (``encode_signal``), appends its
-bytes and time to the queue and, on the two transitions the flusher cares about (the queue
-stops being empty; a full batch is ready), sets an event. No task, future or timer is created
-per signal. Encoding here rather than when a batch is cut keeps the queue free of objects the
-garbage collector tracks: a burst from code that never yields fills it with bytes and floats,
-which the collector never scans, instead of tuples holding dicts, which every young collection
-scanned again until they were sent. ``take()`` then only cuts a batch at ``batch_size``
-signals or ``max_batch_bytes`` bytes.
+``put()`` is on the caller's hot path: it appends the signal's bytes (encoded as the client
+built it, see ``Signal.body``) and its time to the queue and, on the two transitions the
+flusher cares about (the queue stops being empty; a full batch is ready), sets an event. No
+task, future or timer is created per signal. Queuing bytes, rather than signals to encode
+when a batch is cut, keeps the queue free of objects the garbage collector tracks: a burst
+from code that never yields fills it with bytes and floats, which the collector never scans,
+instead of tuples holding dicts, which every young collection scanned again until they were
+sent. ``take()`` then only cuts a batch at ``batch_size`` signals or ``max_batch_bytes``
+bytes.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class Batcher:
         if size >= self.max_queue_size:
             self.space.clear()
             return False
-        bodies.append(encode_signal(signal, self.app_id))
+        body = signal.body  # encoded as the client built it: encode_signal, without a call
+        bodies.append(encode_signal(signal, self.app_id) if body is None else body)
         self._times.append(signal.received_at)
         if spool_id is not None:
             self._spool_ids[self.put_total] = spool_id

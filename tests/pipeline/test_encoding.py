@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telemetrydeck_async._signal as signal_module
+from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._batcher import Batch, Batcher
 from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
 
@@ -53,6 +54,7 @@ def signal_strategy(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Signal]
         shared=st.one_of(
             st.none(), st.dictionaries(text, values, max_size=4).map(SharedPayload.of)
         ),
+        body=st.none(),  # not encoded yet: the encoder under test does it
     ).filter(lambda s: s.shared is None or s.shared.items.keys().isdisjoint(s.payload))
 
 
@@ -107,11 +109,9 @@ def test_orjson_encoding_matches_json_dumps(signal: Signal, app_id: str) -> None
         with pytest.raises(UnicodeEncodeError):
             encode_signal(signal, app_id)
         return
-    # No float in the payload and nothing orjson refuses: orjson writes the payload itself.
-    if signal.payload:
-        members = signal_module._orjson_dumps(signal.payload)[1:]
-        assert signal_module._own_members(signal.payload) == members
     assert encode_signal(signal, app_id) == expected
+    # Told there is no float (as the client's checks tell it), orjson writes the payload.
+    assert signal_module.encode_fields(app_id, signal[:8], False) == expected
 
 
 def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
@@ -120,8 +120,10 @@ def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
         pytest.skip("orjson is not installed (the 'fast' extra)")
     own = Signal("T", "u", "s", False, {"a": 1e-07}, None, 1.0)
     assert signal_module._orjson_dumps(own.payload) == b'{"a":1e-7}'  # what is avoided
-    assert signal_module._own_members(own.payload) == b'"a":1e-07}'
     assert encode_signal(own, "app") == reference(own, "app")
+    assert b'"a":1e-07}' in encode_signal(own, "app")
+    # A caller that says there is no float is trusted: the client's checks know.
+    assert b'"a":1e-7}' in signal_module.encode_fields("app", own[:8], False)
     # Shared keys are encoded once by the stdlib: a float among them is written as it wrote it.
     shared = Signal("T", "u", "s", False, {"a": 1}, 1e16, 1.0, SharedPayload.of({"b": 1e16}))
     assert encode_signal(shared, "app") == reference(shared, "app")
@@ -251,3 +253,47 @@ def test_spool_ids_of_written_ahead_signals_follow_them_into_their_batches() -> 
     batches = batcher.drain()
     assert [b.spool_ids for b in batches] == [[None, 101, None], [103, None, 105], None]
     assert [b.written_ids() for b in batches] == [[101], [103, 105], []]
+
+
+def _hook_adds_a_float(view: dict[str, Any]) -> dict[str, Any]:
+    return {**view, "payload": {**view["payload"], "Hook.ratio": 1e-07}}
+
+
+# Clients whose signals take each path of the encoder: own keys beside the shared ones, keys
+# that override a default (merged, no shared fragment), keys a hook rewrote.
+_CLIENTS = [
+    TelemetryClient("app", base_url="http://127.0.0.1:9", default_payload={"Default.rate": 0.5}),
+    TelemetryClient(
+        "app", base_url="http://127.0.0.1:9", default_payload={"k": 1e16}, payload_prefix="P."
+    ),
+    TelemetryClient("app", base_url="http://127.0.0.1:9", before_send=_hook_adds_a_float),
+]
+_keys = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8).filter(
+    lambda key: not key.startswith("TelemetryDeck.") and key not in signal_module.RESERVED_KEYS
+)
+_client_payloads = st.dictionaries(
+    st.one_of(_keys, st.just("k")),
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, database=None)
+@given(
+    client=st.sampled_from(_CLIENTS),
+    payload=_client_payloads,
+    float_value=st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False)),
+)
+def test_client_built_signals_carry_their_reference_bytes(
+    client: TelemetryClient, payload: dict[str, Any], float_value: float | None
+) -> None:
+    """The bytes a signal is queued with are json.dumps of its fields, whatever path built it."""
+    signal = client._build("App.event", "user", None, payload, float_value, None)
+    assert signal is not None
+    assert signal.body == reference(signal._replace(body=None), "app")
+    assert encode_signal(signal, "app") is signal.body  # encoded once, then reused
