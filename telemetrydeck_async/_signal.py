@@ -2,9 +2,9 @@
 
 Validation happens synchronously in ``signal()``, before anything is enqueued, so a bad call
 raises :class:`~telemetrydeck_async.exceptions.InvalidSignalError` and costs nothing.
-A signal is encoded to its JSON bytes as it is queued (``Batcher.put``): the queue then holds
-bytes and floats, which the garbage collector does not track, however long a burst is, and a
-batch is only joined and sent.
+A signal is encoded to its JSON bytes once, as the client builds it (``Signal.body``): the
+queue then holds bytes and floats, which the garbage collector does not track, however long a
+burst is, and a batch is only joined and sent.
 """
 
 from __future__ import annotations
