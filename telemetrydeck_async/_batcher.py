@@ -1,10 +1,14 @@
 """The bounded in-memory queue and batch assembly. No I/O happens here.
 
-``put()`` is on the caller's hot path, so it only appends to a deque and, on the two transitions
-the flusher cares about (the queue stops being empty; a full batch is ready), sets an event.
-No task, future or timer is created per signal. Encoding happens in ``take()``, inside the
-flusher, where a batch is cut at ``batch_size`` signals or ``max_batch_bytes`` bytes: with the
-``fast`` extra a whole batch in one orjson call, else once per signal.
+``put()`` is on the caller's hot path: it appends the signal's bytes (encoded as the client
+built it, see ``Signal.body``) and its time to the queue and, on the two transitions the
+flusher cares about (the queue stops being empty; a full batch is ready), sets an event. No
+task, future or timer is created per signal. Queuing bytes, rather than signals to encode
+when a batch is cut, keeps the queue free of objects the garbage collector tracks: a burst
+from code that never yields fills it with bytes and floats, which the collector never scans,
+instead of tuples holding dicts, which every young collection scanned again until they were
+sent. ``take()`` then only cuts a batch at ``batch_size`` signals or ``max_batch_bytes``
+bytes.
 """
 
 from __future__ import annotations
@@ -12,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
 
 import attrs
 
-from ._signal import Signal, encode_batch, encode_signal, fast_encoding
+from ._signal import Signal, encode_signal
 
 __all__ = ["Batch", "Batcher", "batch_budget"]
 
@@ -43,34 +46,12 @@ class Batch:
     "always"); ``recovered`` marks a batch read back from the spool.
     """
 
-    _bodies: list[bytes] | None = attrs.field(alias="bodies")
-    _received_at: list[float] | None = attrs.field(alias="received_at")
+    bodies: list[bytes]
+    #: Each signal's Unix time (0.0 for a signal read back from the spool).
+    received_at: list[float]
     seq: int = 0
     spool_ids: list[int | None] | None = None
     recovered: bool = False
-    # A batch cut from the queue and encoded whole (Batcher.take) keeps its signals and its
-    # request body; its bodies and times are made from the signals on first use (a split, the
-    # spool, on_drop), so a batch that is simply sent never makes them.
-    _signals: Sequence[Signal] = attrs.field(default=(), kw_only=True, alias="signals")
-    _app_id: str = attrs.field(default="", kw_only=True, alias="app_id")
-    _payload: bytes | None = attrs.field(default=None, kw_only=True, alias="payload")
-
-    @property
-    def bodies(self) -> list[bytes]:
-        """The encoded signals, in order."""
-        bodies = self._bodies
-        if bodies is None:
-            app_id = self._app_id
-            bodies = self._bodies = [encode_signal(signal, app_id) for signal in self._signals]
-        return bodies
-
-    @property
-    def received_at(self) -> list[float]:
-        """Each signal's Unix time (0.0 for a signal read back from the spool)."""
-        times = self._received_at
-        if times is None:
-            times = self._received_at = [signal.received_at for signal in self._signals]
-        return times
 
     def written_ids(self) -> list[int]:
         """The spool record ids of the signals that are on disk, each once (the signals of a
@@ -86,15 +67,11 @@ class Batch:
         return Batch([self.bodies[n] for n in keep], [self.received_at[n] for n in keep], self.seq)
 
     def __len__(self) -> int:
-        bodies = self._bodies
-        return len(self._signals) if bodies is None else len(bodies)
+        return len(self.bodies)
 
     def payload(self) -> bytes:
         """The request body: a JSON array of the encoded signals."""
-        payload = self._payload
-        if payload is None:
-            return b"[" + b",".join(self.bodies) + b"]"
-        return payload
+        return b"[" + b",".join(self.bodies) + b"]"
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves, each keeping its signals' order, seq and spool ids."""
@@ -119,7 +96,7 @@ class Batch:
 
 @attrs.define(eq=False)
 class Batcher:
-    """A bounded FIFO of validated signals and the cutting of it into batches.
+    """A bounded FIFO of encoded signals and the cutting of it into batches.
 
     ``put_total`` and ``taken_total`` count signals in and out over the client's life; the
     flusher compares them with a ``flush()`` target to know when everything before it left.
@@ -135,35 +112,37 @@ class Batcher:
     space: asyncio.Event = attrs.field(factory=asyncio.Event)
     put_total: int = 0
     taken_total: int = 0
-    _queue: deque[Signal] = attrs.field(factory=deque)
-    # A signal encoded by take() that did not fit in the last batch: it leads the next one.
-    _carry: tuple[bytes, float, int | None] | None = None
-    # Spool record ids of queued signals written ahead (durability "always"), by id(signal):
-    # empty otherwise, so the common path pays one truth test per batch.
+    # The queued signals' bodies and times, side by side: two deques of objects the garbage
+    # collector does not track, where a deque of (body, time) pairs would add a tracked
+    # tuple per signal.
+    _bodies: deque[bytes] = attrs.field(factory=deque)
+    _times: deque[float] = attrs.field(factory=deque)
+    # Spool record ids of queued signals written ahead (durability "always"), by the signal's
+    # position in the stream (put_total when it was queued): empty otherwise, so the common
+    # path pays one truth test per batch.
     _spool_ids: dict[int, int] = attrs.field(factory=dict)
-    # False after a batch encoded whole came out over max_batch_bytes: large signals are cut
-    # one by one until a batch is cut by count again (each whole attempt costs an encode).
-    _whole: bool = True
 
     def __attrs_post_init__(self) -> None:
         self.space.set()
 
     def __len__(self) -> int:
-        return len(self._queue) + (self._carry is not None)
+        return len(self._bodies)
 
     def put(self, signal: Signal, spool_id: int | None = None) -> bool:
-        """Append ``signal``; False (and nothing appended) when the queue is full.
+        """Encode and append ``signal``; False (and nothing appended) when the queue is full.
 
         ``spool_id``: the signal's record in the spool when it was written ahead.
         """
-        queue = self._queue
-        size = len(queue)
+        bodies = self._bodies
+        size = len(bodies)
         if size >= self.max_queue_size:
             self.space.clear()
             return False
-        queue.append(signal)
+        body = signal.body  # encoded as the client built it: encode_signal, without a call
+        bodies.append(encode_signal(signal, self.app_id) if body is None else body)
+        self._times.append(signal.received_at)
         if spool_id is not None:
-            self._spool_ids[id(signal)] = spool_id
+            self._spool_ids[self.put_total] = spool_id
         self.put_total += 1
         if size == 0 or size + 1 == self.batch_size:
             self.wakeup.set()
@@ -173,95 +152,42 @@ class Batcher:
 
     def full_batch_ready(self) -> bool:
         """True when at least ``batch_size`` signals wait."""
-        return len(self) >= self.batch_size
+        return len(self._bodies) >= self.batch_size
 
     def oldest_age(self, now: float | None = None) -> float:
         """Seconds since the oldest waiting signal was created (0 when empty)."""
-        if self._carry is not None:
-            oldest = self._carry[1]
-        elif self._queue:
-            oldest = self._queue[0].received_at
-        else:
+        times = self._times
+        if not times:
             return 0.0
-        return max(0.0, (time.time() if now is None else now) - oldest)
+        return max(0.0, (time.time() if now is None else now) - times[0])
 
     def take(self) -> Batch | None:
         """Cut the next batch (up to ``batch_size`` signals and ``max_batch_bytes`` bytes)."""
-        if not self:
+        queue = self._bodies
+        count = min(len(queue), self.batch_size)
+        if not count:
             return None
-        if self._whole and self._carry is None and not self._spool_ids and fast_encoding():
-            batch = self._take_encoded()
-            if batch is not None:
-                return batch
-        bodies: list[bytes] = []
-        received: list[float] = []
+        pop = queue.popleft
+        bodies = [pop() for _ in range(count)]
+        # The brackets and a comma between signals; past the byte limit (large signals), the
+        # ones that do not fit go back to the front of the queue.
+        if sum(map(len, bodies)) > batch_budget(self.max_batch_bytes, count - 1):
+            count = _fitting(bodies, self.max_batch_bytes)
+            queue.extendleft(reversed(bodies[count:]))
+            del bodies[count:]
+        pop_time = self._times.popleft
+        times = [pop_time() for _ in range(count)]
+        seq = self.taken_total
+        self.taken_total = seq + count
         written = self._spool_ids
         ids: list[int | None] | None = None
-        # The brackets; one comma per signal after the first, added below as signals join.
-        budget = batch_budget(self.max_batch_bytes)
-        size = 0
-        seq = self.taken_total
-        if self._carry is not None:
-            body, at, carried_id = self._carry
-            self._carry = None
-            bodies.append(body)
-            received.append(at)
-            size = len(body)
-            if carried_id is not None:
-                ids = [carried_id]
-        if written and ids is None:
-            ids = [None] * len(bodies)
-        queue = self._queue
-        app_id = self.app_id
-        limit = self.batch_size
-        # Once per signal, on the loop: bound methods and a counter instead of len() calls.
-        count = len(bodies)
-        pop = queue.popleft
-        add_body = bodies.append
-        add_time = received.append
-        encode = encode_signal
-        while queue and count < limit:
-            signal = pop()
-            body = encode(signal, app_id)
-            extra = len(body) + (1 if count else 0)
-            spool_id = written.pop(id(signal), None) if written else None
-            if count and size + extra > budget:
-                self._carry = (body, signal.received_at, spool_id)
-                break
-            add_body(body)
-            add_time(signal.received_at)
-            if spool_id is not None and ids is None:
-                ids = [None] * count
-            if ids is not None:
-                ids.append(spool_id)
-            size += extra
-            count += 1
-        self.taken_total += count
-        self._whole = self._carry is None
+        if written:
+            ids = [written.pop(n, None) for n in range(seq, seq + count)]
+            if not any(i is not None for i in ids):
+                ids = None
         if len(queue) < self.max_queue_size:
             self.space.set()
-        return Batch(bodies, received, seq, ids)
-
-    def _take_encoded(self) -> Batch | None:
-        """The next batch encoded whole (:func:`encode_batch`); None to cut it signal by signal.
-
-        Up to ``batch_size`` signals and one orjson call for all of them. When the body is
-        over ``max_batch_bytes`` (or a value was refused), the signals go back to the front of
-        the queue and the caller cuts the batch signal by signal, the size of each known.
-        """
-        queue = self._queue
-        pop = queue.popleft
-        signals = [pop() for _ in range(min(len(queue), self.batch_size))]
-        payload = encode_batch(signals, self.app_id)
-        if payload is None or len(payload) > self.max_batch_bytes:
-            queue.extendleft(reversed(signals))
-            self._whole = payload is None
-            return None
-        seq = self.taken_total
-        self.taken_total = seq + len(signals)
-        if len(queue) < self.max_queue_size:
-            self.space.set()
-        return Batch(None, None, seq, signals=signals, app_id=self.app_id, payload=payload)
+        return Batch(bodies, times, seq, ids)
 
     def drain(self) -> list[Batch]:
         """Everything still queued, as batches (used at shutdown to spool or account it)."""
@@ -269,3 +195,19 @@ class Batcher:
         while (batch := self.take()) is not None:
             batches.append(batch)
         return batches
+
+
+def _fitting(bodies: list[bytes], max_batch_bytes: int) -> int:
+    """How many of ``bodies``, from the first, fit in one request of ``max_batch_bytes``.
+
+    At least one: a lone signal that does not fit is refused before it is queued.
+    """
+    budget = batch_budget(max_batch_bytes)
+    size = len(bodies[0])
+    count = 1
+    for body in bodies[1:]:
+        size += len(body) + 1
+        if size > budget:
+            break
+        count += 1
+    return count

@@ -48,14 +48,14 @@ from ._signal import (
     PayloadValue,
     SharedPayload,
     Signal,
+    SignalFields,
     UserHasher,
     check_optional_text,
     check_utf8,
-    encode_signal,
+    encode_fields,
     new_signal,
+    normalize_flagged,
     normalize_payload,
-    normalize_sized,
-    size_bound,
     validate_float_value,
     validate_type,
 )
@@ -250,6 +250,8 @@ class TelemetryClient(Presets):
         # writes this fragment in front of them. The caller's default keys are the only ones
         # a call may override (SDK keys cannot be set by callers): such a call merges instead.
         self._shared = SharedPayload.of(self._default_payload)
+        #: The most one signal may take on the wire: what a request of its own has room for.
+        self._lone_room = batch_budget(config.max_batch_bytes)
         self._overridable = frozenset(prefix + key for key in config.default_payload)
         # None until a signal needs it: then read from (or created in) the default-user file.
         self._default_user: str | None = config.default_user
@@ -637,27 +639,26 @@ class TelemetryClient(Presets):
             hashed = self._hash_user(user)
         shared: SharedPayload | None = self._shared
         own: Mapping[str, PayloadValue]
-        # The characters of the own payload, for the size bound below; -1 where the payload
-        # was rebuilt (prefix, merge, preset keys) and the signal adds them up itself.
-        chars = 0
+        # Whether the own payload holds a float, for the encoder; None where the payload was
+        # rebuilt (merge, preset keys) and the encoder looks for itself.
+        floats: bool | None = False
         if payload:
-            own, chars = normalize_sized(payload)
+            own, floats = normalize_flagged(payload)
             if self._payload_prefix:
                 prefix = self._payload_prefix
                 own = {prefix + key: value for key, value in own.items()}
-                chars = -1
             if self._overridable and not self._overridable.isdisjoint(own):
                 # The call overrides a default key: one merged dict, in the reference order.
                 own = {**self._default_payload, **own}
                 shared = None
-                chars = -1
+                floats = None
         else:
             if payload is not None and not isinstance(payload, Mapping):
                 normalize_payload(payload)  # raises the right error
             own = _NO_PAYLOAD
         if params:
             own = {**own, **params}
-            chars = -1
+            floats = None
         if float_value is not None:
             float_value = validate_float_value(float_value)
         if test_mode is None:
@@ -715,27 +716,29 @@ class TelemetryClient(Presets):
                     signal_type, new_payload, float_value = vetted
                     if new_payload is not None:  # replaced: no shared fragment
                         own, shared = {**self._sdk_payload, **new_payload, **(params or {})}, None
-                        chars = -1
-        signal = new_signal(
-            Signal,
-            (signal_type, hashed, session_id, test_mode, own, float_value, time.time(), shared),
+                        floats = None
+        fields: SignalFields = (
+            signal_type,
+            hashed,
+            session_id,
+            test_mode,
+            own,
+            float_value,
+            time.time(),
+            shared,
         )
-        limit = batch_budget(self._config.max_batch_bytes)  # a lone signal's room
-        if (
-            size_bound(signal_type, session_id, chars, len(own), shared)
-            if chars >= 0
-            else signal.max_encoded_size()
-        ) > limit:
-            size = len(encode_signal(signal, self._config.app_id))
-            if size > limit:
-                raise InvalidSignalError(
-                    "payload",
-                    f"the signal encodes to {size} bytes, more than the "
-                    f"{self._config.max_batch_bytes} bytes "
-                    f"max_batch_bytes allows for one request; send less (large values belong "
-                    f"in your own storage, with an id in the payload) or raise max_batch_bytes",
-                )
-        return signal
+        body = encode_fields(self._config.app_id, fields, floats)
+        # Encoded here, once (the queue, the spool and a thread's hand-over all take these
+        # bytes): a signal too large for a request of its own is refused before it is queued.
+        if len(body) > self._lone_room:
+            raise InvalidSignalError(
+                "payload",
+                f"the signal encodes to {len(body)} bytes, more than the "
+                f"{self._config.max_batch_bytes} bytes "
+                f"max_batch_bytes allows for one request; send less (large values belong "
+                f"in your own storage, with an id in the payload) or raise max_batch_bytes",
+            )
+        return new_signal(Signal, (*fields, body))
 
     def _vet(
         self,

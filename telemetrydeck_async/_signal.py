@@ -2,8 +2,9 @@
 
 Validation happens synchronously in ``signal()``, before anything is enqueued, so a bad call
 raises :class:`~telemetrydeck_async.exceptions.InvalidSignalError` and costs nothing.
-Encoding to JSON is deferred to the flusher, which encodes whole batches: the caller pays only
-for the checks, not for ``json.dumps``.
+A signal is encoded to its JSON bytes once, as the client builds it (``Signal.body``): the
+queue then holds bytes and floats, which the garbage collector does not track, however long a
+burst is, and a batch is only joined and sent.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ try:
     # The optional accelerator (``pip install 'telemetrydeck-async[fast]'``): a C JSON encoder
     # about ten times faster than the stdlib's on a payload. Used only where its output is
     # byte for byte the stdlib's (tests/pipeline/test_encoding.py checks it with hypothesis).
-    from orjson import Fragment as _OrjsonFragment
     from orjson import dumps as _orjson_dumps
 except ImportError:  # pragma: no cover - exercised by the suite run without the extra
     _orjson_dumps = None  # type: ignore[assignment]  # the stdlib path is used
@@ -38,17 +38,17 @@ __all__ = [
     "PayloadValue",
     "SharedPayload",
     "Signal",
+    "SignalFields",
     "UserHasher",
     "check_utf8",
     "encode_batch",
+    "encode_fields",
     "encode_signal",
-    "fast_encoding",
     "format_received_at",
     "lone_surrogate",
     "new_signal",
+    "normalize_flagged",
     "normalize_payload",
-    "normalize_sized",
-    "size_bound",
     "validate_type",
 ]
 
@@ -83,10 +83,8 @@ _PASS_THROUGH: Final = frozenset({str, int, bool})
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
 
-# Worst case bytes one character can take in our JSON: a control character escaped as \uXXXX.
-_MAX_BYTES_PER_CHAR: Final = 6
-# Fixed overhead of a signal object besides its strings: field names, quotes, commas, numbers.
-_SIGNAL_OVERHEAD: Final = 256
+# Between a signal's time and its own payload keys on the wire: the payload's opening brace.
+_PAYLOAD_OPENING: Final = b'","payload":{'
 
 
 def lone_surrogate(text: str) -> str | None:
@@ -235,41 +233,37 @@ def _check_key(key: object, allow_reserved: bool) -> None:
         _GOOD_KEYS.add(key)
 
 
-def normalize_sized(
+def normalize_flagged(
     payload: object, *, allow_reserved: bool = False
-) -> tuple[dict[str, PayloadValue], int]:
-    """:func:`normalize_payload`, and the characters its keys and values take at most.
+) -> tuple[dict[str, PayloadValue], bool]:
+    """:func:`normalize_payload`, and whether any value of the result is a float.
 
-    The count is what :meth:`Signal.max_encoded_size` adds up for a payload (the length of each
-    key and str value, 24 for any other value), made in the same pass.
+    The flag is for the encoder, made in the same pass: orjson (the ``fast`` extra) writes
+    every other value exactly as the stdlib does, and floats differently.
     """
     # This runs on every signal() call: a plain dict skips the ABC check, a known key skips its
     # checks, plain str/int/bool values skip the call to _normalize_value.
     if type(payload) is not dict and not isinstance(payload, Mapping):
         raise InvalidSignalError("payload", f"must be a mapping, got {type(payload).__name__}")
     out: dict[str, PayloadValue] = {}
-    chars = 0
+    floats = False
     good = _GOOD_KEYS
     for key, value in payload.items():
         if type(key) is not str or key not in good:
             _check_key(key, allow_reserved)
         kind = type(value)
-        if kind is str:
-            if value.isascii():
-                out[key] = value
-                chars += len(key) + len(value)
-                continue
-        elif kind is bool or (kind is int and _INT_MIN <= value <= _INT_MAX):
+        if (kind is str and value.isascii()) or (
+            kind is bool or (kind is int and _INT_MIN <= value <= _INT_MAX)
+        ):
             out[key] = value
-            chars += len(key) + 24
             continue
         # Everything else, and the plain values past a limit (a lone surrogate, an int past
         # 64 bits), takes the slow path, which normalises the value or raises the reason.
         normalized = _normalize_value(key, value)
         if normalized is not None:
             out[key] = normalized
-            chars += len(key) + (len(normalized) if type(normalized) is str else 24)
-    return out, chars
+            floats = floats or type(normalized) is float
+    return out, floats
 
 
 def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[str, PayloadValue]:
@@ -278,7 +272,7 @@ def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[
     ``None`` values are dropped, ``datetime``/``date`` values become ISO-8601 strings; anything
     nested, binary, non-finite or keyed by a reserved name raises ``InvalidSignalError``.
     """
-    return normalize_sized(payload, allow_reserved=allow_reserved)[0]
+    return normalize_flagged(payload, allow_reserved=allow_reserved)[0]
 
 
 def validate_float_value(value: object) -> float:
@@ -308,19 +302,23 @@ class SharedPayload:
 
     items: Mapping[str, PayloadValue]
     fragment: str
-    #: ``fragment`` as UTF-8, and its length: what it adds to each signal, in bytes.
-    fragment_bytes: bytes = b""
-    size: int = 0
-    #: True when no value is a float: orjson then writes ``items`` exactly as the stdlib does.
-    floatless: bool = True
+    #: What follows a signal's time on the wire when its own payload has keys: the payload's
+    #: opening brace and the shared members, with the comma before the signal's own.
+    opening: bytes = _PAYLOAD_OPENING
+    #: The whole payload, closing brace included, of a signal with no keys of its own.
+    alone: bytes = _PAYLOAD_OPENING + b"}"
 
     @classmethod
     def of(cls, items: Mapping[str, PayloadValue]) -> SharedPayload:
         """Encode ``items`` once."""
         fragment = _encode_object(dict(items))[1:-1]
         encoded = fragment.encode()
-        floatless = float not in map(type, items.values())
-        return cls(dict(items), fragment, encoded, len(encoded), floatless)
+        return cls(
+            dict(items),
+            fragment,
+            _PAYLOAD_OPENING + encoded + b"," if encoded else _PAYLOAD_OPENING,
+            _PAYLOAD_OPENING + encoded + b"}",
+        )
 
 
 class Signal(NamedTuple):
@@ -330,7 +328,10 @@ class Signal(NamedTuple):
     ``received_at`` is the Unix time at which ``signal()`` was called: it is formatted only when
     the batch is encoded, and stays the same across queueing, retries and the spool.
     ``payload`` holds the signal's own keys; ``shared``, when set, the client's keys that come
-    first on the wire (none of them is repeated in ``payload``).
+    first on the wire (none of them is repeated in ``payload``). ``body`` is the signal's
+    bytes on the wire, for its client's app ID, encoded once as the client built it (and
+    checked against the batch size there); None for a signal made otherwise, which
+    :func:`encode_signal` encodes when asked. A copy with other fields must leave it None.
 
     A named tuple rather than the house's ``attrs.frozen`` class: one is built on every
     ``signal()`` call, and a frozen attrs class sets each field through
@@ -346,6 +347,7 @@ class Signal(NamedTuple):
     float_value: float | None
     received_at: float
     shared: SharedPayload | None = None
+    body: bytes | None = None
 
     def full_payload(self) -> Mapping[str, PayloadValue]:
         """Every payload key the signal carries: the shared ones, then its own."""
@@ -368,36 +370,16 @@ class Signal(NamedTuple):
             obj["floatValue"] = self.float_value
         return obj
 
-    def max_encoded_size(self) -> int:
-        """A cheap upper bound of the encoded size in bytes, without encoding."""
-        chars = 0
-        for key, value in self.payload.items():
-            chars += len(key) + (len(value) if isinstance(value, str) else 24)
-        return size_bound(self.type, self.session_id, chars, len(self.payload), self.shared)
 
+#: The fields of a :class:`Signal` but its ``body``, in order: what :func:`encode_fields` encodes.
+SignalFields = tuple[
+    str, str, str, bool, Mapping[str, PayloadValue], float | None, float, SharedPayload | None
+]
 
-def size_bound(
-    signal_type: str, session_id: str, chars: int, keys: int, shared: SharedPayload | None
-) -> int:
-    """:meth:`Signal.max_encoded_size` from its parts: ``chars`` and ``keys`` of the own payload.
-
-    Every character may take up to six bytes (a control character as ``\\uXXXX``); each key
-    adds its quotes and colon; the fixed fields and numbers take at most the overhead.
-    """
-    shared_size = 0 if shared is None else shared.size
-    return (
-        _SIGNAL_OVERHEAD
-        + 64
-        + (len(signal_type) + len(session_id) + chars) * _MAX_BYTES_PER_CHAR
-        + 3 * keys
-        + shared_size
-    )
-
-
-#: ``new_signal(Signal, (type, client_user, ...))``: builds a Signal from its eight fields in one
-#: step, without the generated ``__new__``'s argument handling (the client's hot path).
+#: ``new_signal(Signal, (type, client_user, ..., body))``: builds a Signal from its nine fields
+#: in one step, without the generated ``__new__``'s argument handling (the client's hot path).
 new_signal: Final = cast(
-    Callable[[type[Signal], tuple[Any, Any, Any, Any, Any, Any, Any, Any]], Signal],
+    Callable[[type[Signal], tuple[Any, Any, Any, Any, Any, Any, Any, Any, Any]], Signal],
     tuple.__new__,
 )
 
@@ -432,16 +414,6 @@ def _make_object_encoder() -> Callable[[Any], str]:
 
 
 _encode_object: Final = _make_object_encoder()
-
-
-def _encode_payload(signal: Signal) -> str:
-    own = _encode_object(signal.payload)
-    shared = signal.shared
-    if shared is None or not shared.fragment:
-        return own
-    if own == "{}":
-        return "{" + shared.fragment + "}"
-    return "{" + shared.fragment + "," + own[1:]
 
 
 # The encoded start of a signal object, up to the opening quote of receivedAt, by (app ID, user
@@ -480,132 +452,85 @@ def _new_head(key: tuple[str, str, str, str, bool]) -> bytes:
     return head
 
 
-def _payload_with_orjson(signal: Signal) -> bytes | None:
-    """The payload object through orjson; None where its bytes might differ from the stdlib's.
-
-    orjson writes strings, ints and bools exactly as ``json.dumps(..., ensure_ascii=False)``
-    but floats differently (``1e-7`` for ``1e-07``), so a payload holding a float is left to
-    the stdlib. A value orjson refuses (a str subclass, an int past 64 bits, a lone surrogate)
-    raises ``TypeError``: the caller then takes the reference path, which encodes it or raises
-    the reference error. The shared keys were encoded once by the stdlib.
-    """
-    payload = signal.payload
-    dumps = _orjson_dumps
-    if dumps is None or float in map(type, payload.values()):
-        return None
-    own = dumps(payload)
-    shared = signal.shared
-    if shared is None or not shared.fragment:
-        return own
-    if own == b"{}":
-        return b"{" + shared.fragment_bytes + b"}"
-    return b"{" + shared.fragment_bytes + b"," + own[1:]
-
-
 def encode_signal(signal: Signal, app_id: str) -> bytes:
     """Encode one signal as compact UTF-8 JSON (no NaN, no ASCII escaping of non-ASCII text).
 
     The result is byte for byte ``json.dumps(signal.to_json(app_id), separators=(",", ":"),
-    ensure_ascii=False, allow_nan=False).encode()``. This runs once per signal in the flusher,
-    so the fixed fields come from a cache of encoded heads, and only the payload goes through
-    a JSON encoder: orjson when the ``fast`` extra is installed and the payload holds no float,
-    else the stdlib's. Anything unusual (a field that is not of its declared type, a
-    non-finite floatValue) takes the reference path, which also raises the reference errors.
+    ensure_ascii=False, allow_nan=False).encode()``: the signal's ``body`` when the client
+    encoded it as it built it (for its own app ID), else :func:`encode_fields` of its fields.
     """
-    type_, client_user, session_id, test_mode, _, float_value, received_at, _ = signal
+    body = signal.body
+    if body is not None:
+        return body
+    return encode_fields(app_id, signal[:8])
+
+
+def encode_fields(app_id: str, fields: SignalFields, floats: bool | None = None) -> bytes:
+    """:func:`encode_signal` of a signal with these ``fields``, without building it first.
+
+    The fixed fields come from a cache of encoded heads, the time from a cache of the current
+    second, the shared payload keys from their one encoding, and only the signal's own
+    payload goes through a JSON encoder: orjson when the ``fast`` extra is installed and the
+    payload holds no float (orjson writes ``1e-7`` where the stdlib writes ``1e-07``), else
+    the stdlib's. ``floats``: whether ``own`` holds a float, when the caller knows (the
+    client's checks found out); None to look. Anything unusual (a field that is not of its
+    declared type, a non-finite floatValue, a value orjson refuses) takes the stdlib or the
+    reference path, which also raises the reference errors.
+    """
+    signal_type, client_user, session_id, test_mode, own, float_value, received_at, shared = fields
     if type(test_mode) is bool and (
         float_value is None or (type(float_value) is float and math.isfinite(float_value))
     ):
         try:
-            key = (app_id, client_user, session_id, type_, test_mode)
+            key = (app_id, client_user, session_id, signal_type, test_mode)
             head = _HEADS.get(key) or _new_head(key)
-            body = _payload_with_orjson(signal) or _encode_payload(signal).encode()
-            return b"".join(
-                (
-                    head,
-                    format_received_at(received_at).encode(),
-                    b'","payload":',
-                    body,
-                    b"}"
-                    if float_value is None
-                    else b',"floatValue":' + float.__repr__(float_value).encode() + b"}",
-                )
+            if own:
+                opening = _PAYLOAD_OPENING if shared is None else shared.opening
+                members = None
+                dumps = _orjson_dumps
+                if dumps is not None and not (
+                    float in map(type, own.values()) if floats is None else floats
+                ):
+                    try:
+                        members = dumps(own)[1:]
+                    except TypeError:  # a value orjson refuses: the stdlib encodes or refuses it
+                        members = None
+                if members is None:
+                    members = _encode_object(own)[1:].encode()
+            else:
+                members = b""
+                opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
+            tail = (
+                b"}"
+                if float_value is None
+                else b',"floatValue":' + float.__repr__(float_value).encode() + b"}"
             )
+            # format_received_at, inline: the date and time are formatted once per second.
+            seconds = int(received_at)
+            millis = int((received_at - seconds) * 1000)
+            last, _, text = _last_second
+            if seconds == last and 0 <= millis < 1000:
+                return b"".join((head, text, _MILLIS_BYTES[millis], opening, members, tail))
+            stamp = format_received_at(received_at).encode()
+            return b"".join((head, stamp, opening, members, tail))
         except TypeError:  # a field that is not a str: let the reference path encode or refuse it
             pass
-    return _ENCODER.encode(signal.to_json(app_id)).encode()
+    return _ENCODER.encode(Signal(*fields).to_json(app_id)).encode()
 
 
-def fast_encoding() -> bool:
-    """True when the ``fast`` extra (orjson) is installed: :func:`encode_batch` can be used."""
-    return _orjson_dumps is not None
+def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes:
+    """The request body for ``signals``: a JSON array of their :func:`encode_signal` bytes."""
+    return b"[" + b",".join([encode_signal(signal, app_id) for signal in signals]) + b"]"
 
 
-def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes | None:
-    """The request body for ``signals`` in one orjson call; None when the caller must not use it.
-
-    Byte for byte ``b"[" + b",".join(encode_signal(s, app_id) for s in signals) + b"]"``
-    (tests/pipeline/test_encoding.py checks it with hypothesis), at a fraction of the cost:
-    one C call for the whole array instead of a Python join per signal. A signal whose bytes
-    orjson might write differently (a float anywhere: orjson writes ``1e-7`` for ``1e-07``) is
-    encoded by :func:`encode_signal` and placed as is (``orjson.Fragment``). None, and the
-    caller encodes signal by signal, without the ``fast`` extra or when a value is refused.
-    """
-    dumps = _orjson_dumps
-    if dumps is None:
-        return None
-    fragment = _OrjsonFragment
-    millis_text = _MILLIS
-    last, text = _last_second
-    items: list[Any] = []
-    add = items.append
-    try:
-        for signal in signals:
-            signal_type, user, session, test_mode, own, float_value, at, shared = signal
-            if (
-                float_value is not None
-                or type(test_mode) is not bool
-                or float in map(type, own.values())
-                or (shared is not None and not shared.floatless)
-            ):
-                add(fragment(encode_signal(signal, app_id)))
-                continue
-            if shared is not None:
-                own = {**shared.items, **own}
-            elif type(own) is not dict:
-                own = dict(own)  # a read-only mapping (no payload): orjson takes dicts
-            # format_received_at, inline: the date and time are formatted once per second.
-            seconds = int(at)
-            millis = int((at - seconds) * 1000)
-            if seconds == last and 0 <= millis < 1000:
-                stamp = text + millis_text[millis]
-            else:
-                stamp = format_received_at(at)
-                last, text = _last_second
-            add(
-                {
-                    "appID": app_id,
-                    "clientUser": user,
-                    "sessionID": session,
-                    "type": signal_type,
-                    "isTestMode": test_mode,
-                    "receivedAt": stamp,
-                    "payload": own,
-                }
-            )
-        return dumps(items)
-    except (TypeError, ValueError, OverflowError):
-        # A value orjson refuses (JSONEncodeError is a TypeError), a time that is not finite:
-        # the signal-by-signal path encodes it or raises the reference error.
-        return None
-
-
-# The date and time part of the last second formatted: signals come in bursts within a second,
-# and gmtime + strftime cost more than the rest of the formatting. A tuple, so that a reader
-# in another thread never sees the second of one pair with the text of another.
-_last_second: tuple[int, str] = (0, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(0)))
+# The date and time part of the last second formatted, as text and as bytes: signals come in
+# bursts within a second, and gmtime + strftime cost more than the rest of the formatting. A
+# tuple, so that a reader in another thread never sees the second of one pair with the text of
+# another.
+_last_second: tuple[int, str, bytes] = (0, "1970-01-01T00:00:00", b"1970-01-01T00:00:00")
 # ".000Z" to ".999Z": indexing a table is cheaper than formatting the milliseconds each time.
 _MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
+_MILLIS_BYTES: Final = tuple(text.encode() for text in _MILLIS)
 
 
 def format_received_at(unix_time: float) -> str:
@@ -613,10 +538,10 @@ def format_received_at(unix_time: float) -> str:
     global _last_second
     seconds = int(unix_time)
     millis = int((unix_time - seconds) * 1000)
-    cached_second, text = _last_second
+    cached_second, text, _ = _last_second
     if seconds != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last_second = (seconds, text)
+        _last_second = (seconds, text, text.encode())
     if 0 <= millis < 1000:
         return text + _MILLIS[millis]
     return f"{text}.{millis:03d}Z"  # before 1970: as the reference formats it

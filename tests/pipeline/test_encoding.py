@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telemetrydeck_async._signal as signal_module
+from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._batcher import Batch, Batcher
 from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
 
@@ -52,6 +54,7 @@ def signal_strategy(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Signal]
         shared=st.one_of(
             st.none(), st.dictionaries(text, values, max_size=4).map(SharedPayload.of)
         ),
+        body=st.none(),  # not encoded yet: the encoder under test does it
     ).filter(lambda s: s.shared is None or s.shared.items.keys().isdisjoint(s.payload))
 
 
@@ -106,9 +109,9 @@ def test_orjson_encoding_matches_json_dumps(signal: Signal, app_id: str) -> None
         with pytest.raises(UnicodeEncodeError):
             encode_signal(signal, app_id)
         return
-    # No float in the payload and nothing orjson refuses: orjson writes the payload itself.
-    assert signal_module._payload_with_orjson(signal) is not None
     assert encode_signal(signal, app_id) == expected
+    # Told there is no float (as the client's checks tell it), orjson writes the payload.
+    assert signal_module.encode_fields(app_id, signal[:8], False) == expected
 
 
 def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
@@ -116,11 +119,13 @@ def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
     if signal_module._orjson_dumps is None:
         pytest.skip("orjson is not installed (the 'fast' extra)")
     own = Signal("T", "u", "s", False, {"a": 1e-07}, None, 1.0)
-    assert signal_module._payload_with_orjson(own) is None
+    assert signal_module._orjson_dumps(own.payload) == b'{"a":1e-7}'  # what is avoided
     assert encode_signal(own, "app") == reference(own, "app")
+    assert b'"a":1e-07}' in encode_signal(own, "app")
+    # A caller that says there is no float is trusted: the client's checks know.
+    assert b'"a":1e-7}' in signal_module.encode_fields("app", own[:8], False)
     # Shared keys are encoded once by the stdlib: a float among them is written as it wrote it.
     shared = Signal("T", "u", "s", False, {"a": 1}, 1e16, 1.0, SharedPayload.of({"b": 1e16}))
-    assert signal_module._payload_with_orjson(shared) is not None
     assert encode_signal(shared, "app") == reference(shared, "app")
 
 
@@ -170,52 +175,15 @@ def test_odd_field_types_fall_back_to_the_reference() -> None:
     """A non-bool test_mode or an int floatValue is encoded exactly as json.dumps would."""
     signal = Signal("T", "u", "s", 1, {"k": 1}, 2, 1.0)  # type: ignore[arg-type]  # deliberately odd
     assert encode_signal(signal, "app") == reference(signal, "app")
+    # The client's read-only "no payload", alone and beside shared keys: the empty object.
+    for shared in (None, SharedPayload.of({}), SharedPayload.of({"b": "x"})):
+        empty = Signal("T", "u", "s", False, MappingProxyType({}), None, -1.5, shared)
+        assert encode_signal(empty, "app") == reference(empty._replace(payload={}), "app")
 
 
 def reference_body(signals: list[Signal], app_id: str) -> bytes:
     """The request body the reference writes: a JSON array of the signals' reference bytes."""
     return b"[" + b",".join(reference(signal, app_id) for signal in signals) + b"]"
-
-
-needs_orjson = pytest.mark.skipif(
-    signal_module._orjson_dumps is None, reason="orjson is not installed (the 'fast' extra)"
-)
-
-
-# What the client queues: ints within 64 bits (it refuses larger ones), floats too.
-client_values = st.one_of(plain_values, st.floats(allow_nan=False, allow_infinity=False))
-
-
-@needs_orjson
-@settings(max_examples=200, database=None)
-@given(batch=st.lists(signal_strategy(client_values), max_size=6), app_id=text)
-def test_whole_batch_encoding_matches_json_dumps(batch: list[Signal], app_id: str) -> None:
-    """One orjson call for a batch (floats placed as the stdlib wrote them) is the reference."""
-    try:
-        expected = reference_body(batch, app_id)
-    except UnicodeEncodeError:  # a lone surrogate: the batch is left to the per-signal path
-        assert signal_module.encode_batch(batch, app_id) is None
-        return
-    assert signal_module.encode_batch(batch, app_id) == expected
-
-
-@needs_orjson
-def test_whole_batch_encoding_writes_odd_signals_exactly() -> None:
-    """No payload, an odd test_mode, floats, shared floats, a time before 1970: the reference."""
-    batch = [
-        Signal("T", "u", "s", False, {}, None, 1.0),
-        Signal("T", "u", "s", 1, {"k": 1}, 2.5, 2.25),  # type: ignore[arg-type]  # deliberately odd
-        Signal("T", "u", "s", True, {"a": 1e-07}, None, -1.5),
-        Signal("T", "u", "s", False, {"a": "é"}, None, 3.0, SharedPayload.of({"b": 1e16})),
-        Signal("T", "u", "s", False, {"a": 1}, None, 3.999, SharedPayload.of({"b": "x"})),
-    ]
-    assert signal_module.encode_batch(batch, "app") == reference_body(batch, "app")
-    # The client's read-only "no payload" is written as the empty object.
-    empty = Signal("T", "u", "s", False, MappingProxyType({}), None, 1.0)
-    assert signal_module.encode_batch([empty], "app") == reference_body(batch[:1], "app")
-    # A value nothing can encode: the per-signal path raises the reference error instead.
-    unencodable = Signal("T", "u", "s", False, {"a": math.nan}, None, 1.0)
-    assert signal_module.encode_batch([unencodable], "app") is None
 
 
 def _queued(n: int, pad: int = 0) -> list[Signal]:
@@ -232,9 +200,8 @@ def _take_all(batcher: Batcher, signals: list[Signal]) -> list[Batch]:
     return batcher.drain()
 
 
-@needs_orjson
-def test_batches_encoded_whole_carry_the_same_bodies_times_and_halves() -> None:
-    """A batch encoded in one call makes, when asked, the per-signal bodies and times."""
+def test_batches_carry_the_reference_bodies_times_and_halves() -> None:
+    """Batches cut from the queue hold the reference bytes and times, in order, and so do halves."""
     signals = _queued(250)
     batches = _take_all(Batcher("app", 100, 1 << 20, 1000), signals)
     assert [len(b) for b in batches] == [100, 100, 50]
@@ -251,11 +218,82 @@ def test_batches_encoded_whole_carry_the_same_bodies_times_and_halves() -> None:
     )
 
 
-def test_byte_budget_is_kept_whichever_way_a_batch_is_encoded() -> None:
-    """Past max_batch_bytes the batch is cut signal by signal: no body over the limit, none lost."""
+def test_byte_budget_is_kept_when_signals_are_large() -> None:
+    """Past max_batch_bytes a batch is cut short: no body over the limit, none lost or reordered."""
     signals = _queued(40, pad=300)
     batches = _take_all(Batcher("app", 100, 4096, 1000), signals)
     assert len(batches) > 1
     assert all(len(b.payload()) <= 4096 for b in batches)
+    assert all(len(b.payload()) > 4096 - 400 for b in batches[:-1])  # each one filled up
     assert [body for b in batches for body in b.bodies] == [reference(s, "app") for s in signals]
-    assert sum(len(b) for b in batches) == 40
+    assert [b.seq for b in batches] == [
+        sum(len(b) for b in batches[:k]) for k in range(len(batches))
+    ]
+
+
+def test_queued_signals_add_no_objects_the_garbage_collector_tracks() -> None:
+    """A queue filled by a burst holds nothing the collector scans: no dict or tuple per signal."""
+    batcher = Batcher("app", 100, 1 << 20, 10_000)
+    shared = SharedPayload.of({"TelemetryDeck.SDK.name": "x"})
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(5_000):
+        assert batcher.put(Signal("T", "u", "s", False, {"i": i, "p": "pro"}, None, 1e9, shared))
+    gc.collect()
+    # A few objects may come and go meanwhile; one per queued signal would be 5,000.
+    assert len(gc.get_objects()) - before < 100
+    assert len(batcher) == 5_000
+
+
+def test_spool_ids_of_written_ahead_signals_follow_them_into_their_batches() -> None:
+    """Signals written ahead keep their spool record ids, by position, through cutting."""
+    batcher = Batcher("app", 3, 1 << 20, 100)
+    for n, signal in enumerate(_queued(7)):
+        assert batcher.put(signal, spool_id=100 + n if n % 2 else None)
+    batches = batcher.drain()
+    assert [b.spool_ids for b in batches] == [[None, 101, None], [103, None, 105], None]
+    assert [b.written_ids() for b in batches] == [[101], [103, 105], []]
+
+
+def _hook_adds_a_float(view: dict[str, Any]) -> dict[str, Any]:
+    return {**view, "payload": {**view["payload"], "Hook.ratio": 1e-07}}
+
+
+# Clients whose signals take each path of the encoder: own keys beside the shared ones, keys
+# that override a default (merged, no shared fragment), keys a hook rewrote.
+_CLIENTS = [
+    TelemetryClient("app", base_url="http://127.0.0.1:9", default_payload={"Default.rate": 0.5}),
+    TelemetryClient(
+        "app", base_url="http://127.0.0.1:9", default_payload={"k": 1e16}, payload_prefix="P."
+    ),
+    TelemetryClient("app", base_url="http://127.0.0.1:9", before_send=_hook_adds_a_float),
+]
+_keys = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8).filter(
+    lambda key: not key.startswith("TelemetryDeck.") and key not in signal_module.RESERVED_KEYS
+)
+_client_payloads = st.dictionaries(
+    st.one_of(_keys, st.just("k")),
+    st.one_of(
+        st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, database=None)
+@given(
+    client=st.sampled_from(_CLIENTS),
+    payload=_client_payloads,
+    float_value=st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False)),
+)
+def test_client_built_signals_carry_their_reference_bytes(
+    client: TelemetryClient, payload: dict[str, Any], float_value: float | None
+) -> None:
+    """The bytes a signal is queued with are json.dumps of its fields, whatever path built it."""
+    signal = client._build("App.event", "user", None, payload, float_value, None)
+    assert signal is not None
+    assert signal.body == reference(signal._replace(body=None), "app")
+    assert encode_signal(signal, "app") is signal.body  # encoded once, then reused
