@@ -81,6 +81,15 @@ and batch. The event loop never waits for the disk. ``ack`` and ``release`` are 
 they return once queued and ride along in the next transaction (this spool applies them
 before anything queued later; ``close`` waits for them).
 
+One exception, for durability "spill": :meth:`Spool.append_now` commits a record in the
+calling thread (the event loop's), on a second connection the worker opens for it, in one
+short transaction that never waits (busy, a nearly full disk: the caller hands the record to
+the worker instead). Beside an event loop that runs Python without a break, every SQLite call
+of the worker waits up to the interpreter's switch interval (5 ms) to take the GIL back; a
+write on the loop's own thread waits for nobody. No connection checkpoints inside a commit
+(``wal_autocheckpoint = 0``): the worker does, about once a second while there are writes,
+those of the direct connection included.
+
 Nothing here ever open()s the database file itself: closing any descriptor of a file drops
 all of this process's POSIX locks on it, including the one that tells other processes a WAL
 connection is still using the file (see :func:`_make_private_file`).
@@ -2214,8 +2223,9 @@ class Spool:
     """The on-disk spool of one process. Create it with :func:`open_spool`.
 
     Every method that touches the disk is a coroutine whose work runs in the spool's own
-    thread; the event loop never blocks on disk I/O. Disk trouble is never raised: results
-    report it (``AppendResult.failed``, empty claims) and the log says it once.
+    thread, except :meth:`append_now`: one short write in the caller's thread that never
+    waits. Disk trouble is never raised: results report it (``AppendResult.failed``, empty
+    claims) and the log says it once.
     Methods raise :class:`SpoolError` only when called in a forked child of the process that
     opened the spool (open a new spool there). After :meth:`close` they return empty results.
 

@@ -67,12 +67,10 @@ OVERFLOW_BYTES = 32 * 2**20
 AWAITED_OVERFLOW = 10_000
 #: What one waiting signal costs beside its body: the tuple, the bytes and float objects.
 _ENTRY_BYTES = 120
-#: Overflowing signals written to the spool per transaction. 5,000 spilled faster but the
-#: spool thread then held the GIL for milliseconds at a time, stalling a busy loop more.
-_SPILL_CHUNK = 1_000
-#: Overflowing signals made into records per turn of the loop while a chunk is prepared:
-#: the loop's callers run in between, so preparing a chunk never stalls them for long.
-_SPILL_SLICE = 500
+#: Overflowing signals are encoded this many at a time while a chunk gathers: the cost of a
+#: chunk (a few hundred microseconds for 100 signals) is spread over the calls that fill it,
+#: so no one call, nor one turn of a loop that turns between calls, carries all of it.
+_ENCODE_SLICE = 20
 #: Batches claimed from the spool in one transaction while recovering at full pace.
 _CLAIM_BATCHES = 32
 #: Seconds a partly gathered overflow chunk waits for more signals before it is written.
@@ -167,9 +165,13 @@ class SpoolLink:
     _background: set[asyncio.Future[Any]] = attrs.field(factory=set, init=False)
     _opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    # Signals that overflowed the queue, gathered as they are into the next chunk (at most
-    # batch_size: encoded together when it is sealed).
+    # Signals that overflowed the queue, gathered into the next chunk (at most batch_size),
+    # and the encoded bodies of the first of them, _ENCODE_SLICE signals each.
     _gather: list[Signal] = attrs.field(factory=list, init=False)
+    _encoded: list[bytes] = attrs.field(factory=list, init=False)
+    # The last sealed chunk, when it is to be written at the loop's next turn (a slice of its
+    # own); written in the next seal instead when the loop has not turned by then.
+    _deferred: _Chunk | None = attrs.field(default=None, init=False)
     _seal_scheduled: bool = attrs.field(default=False, init=False)
     # Sealed chunks not yet accounted (waiting for the spool to open, or with its thread),
     # oldest first, and how many signals they hold.
@@ -419,8 +421,20 @@ class SpoolLink:
             self._seal_scheduled = True
             loop.call_later(_SEAL_AFTER, self._seal_on_turn)
         gather.append(signal)
-        if len(gather) >= self.config.batch_size:
+        count = len(gather)
+        if count >= self.config.batch_size:
             self._seal()
+        elif not count % _ENCODE_SLICE:
+            self._encoded.append(self._encode(gather[-_ENCODE_SLICE:]))
+
+    def _encode(self, signals: list[Signal]) -> bytes:
+        """``signals`` as the inside of a JSON array: one batch-encoder call where it can be
+        used (the ``fast`` extra), else signal by signal."""
+        app_id = self.config.app_id
+        payload = encode_batch(signals, app_id)
+        if payload is not None:
+            return payload[1:-1]
+        return b",".join([encode_signal(signal, app_id) for signal in signals])
 
     def _book_written(self) -> bool:
         """Book the oldest chunks the spool's thread has finished, in this call: a caller that
@@ -444,28 +458,31 @@ class SpoolLink:
         self._seal()
 
     def _seal(self) -> None:
-        """The gathered signals become chunk records, each written at once when the spool
-        can (:meth:`Spool.append_now`), else handed to its thread (or kept for the background
-        writer, which waits for the spool to open)."""
+        """The gathered signals become chunk records, each written to disk by this loop's
+        thread (:meth:`Spool.append_now`) at its next turn, or in the next seal if that comes
+        first; else handed to the spool's thread (or kept for the background writer, which
+        waits for the spool to open)."""
         signals = self._gather
         if not signals:
             return
+        encoded = self._encoded
         self._gather = []
+        self._encoded = []
         self._book_written()
+        self._write_deferred()
         spool = self.spool
         loop = _running_loop()
-        for record, received_at in self._chunk_records(signals):
-            if spool is not None and not self._waiting and loop is not None:
-                result = spool.append_now(record)
-                if result is not None:
-                    self._record_stored(_Bodies(record), result, "")
-                    continue
+        for record, received_at in self._chunk_records(signals, encoded):
             chunk = _Chunk(record, received_at, len(record.body) + _ENTRY_BYTES * len(received_at))
             self._chunks.append(chunk)
             self._chunked += len(received_at)
             self._overflow_bytes += chunk.size
             if spool is not None and not self._waiting and loop is not None:
-                self._hand_over(spool, chunk, loop)
+                if self._deferred is None:
+                    self._deferred = chunk
+                    loop.call_soon(self._write_deferred)
+                else:
+                    self._write(spool, chunk, loop)
             else:
                 self._waiting.append(chunk)
                 if loop is not None:
@@ -475,30 +492,54 @@ class SpoolLink:
         while self._overflow_full(0) and (self._book_written() or self._drop_oldest_overflow()):
             pass
 
-    def _chunk_records(self, signals: list[Signal]) -> list[tuple[SpoolRecord, list[float]]]:
-        """``signals`` encoded as spool records of at most one batch each (usually one record),
-        with their times.
+    def _write_deferred(self) -> None:
+        chunk = self._deferred
+        self._deferred = None
+        spool = self.spool
+        loop = _running_loop()
+        if chunk is None or chunk.settled:
+            return  # written, dropped, or taken by an exit without a loop already
+        if spool is None or loop is None:  # pragma: no cover - only deferred with both
+            self._waiting.append(chunk)
+            return
+        self._write(spool, chunk, loop)
 
-        One call of the batch encoder where it can be used (the ``fast`` extra) and the body
-        fits one batch; otherwise signal by signal, cut at the batch byte budget.
+    def _write(self, spool: Spool, chunk: _Chunk, loop: asyncio.AbstractEventLoop) -> None:
+        """Write ``chunk`` here and now, or hand it to the spool's thread."""
+        result = spool.append_now(chunk.record)
+        if result is None:
+            self._hand_over(spool, chunk, loop)
+            return
+        self._finish_chunk(chunk)
+        self._record_stored(_Bodies(chunk.record), result, "")
+
+    def _chunk_records(
+        self, signals: list[Signal], encoded: list[bytes]
+    ) -> list[tuple[SpoolRecord, list[float]]]:
+        """``signals`` as spool records of at most one batch each (usually one record), with
+        their times. ``encoded`` holds the bodies of the first of them, as encoded so far.
+
+        Cut signal by signal at the batch byte budget when the whole is over it (or, which
+        the encoders never do, does not cut into its signals).
         """
-        app_id = self.config.app_id
         received_at = [signal.received_at for signal in signals]
         budget = batch_budget(self.config.max_batch_bytes, self.config.batch_size)
-        payload = encode_batch(signals, app_id)
-        if payload is not None and len(payload) - 2 <= budget:
-            record = SpoolRecord.joined(min(received_at), payload[1:-1], len(signals))
+        rest = signals[len(encoded) * _ENCODE_SLICE :]
+        body = b",".join([*encoded, self._encode(rest)] if rest else encoded)
+        if len(body) <= budget:
+            record = SpoolRecord.joined(min(received_at), body, len(signals))
             if record is not None:
                 return [(record, received_at)]
+        app_id = self.config.app_id
         bodies = [encode_signal(signal, app_id) for signal in signals]
         records = []
         start = size = 0
-        for end, body in enumerate(bodies):
-            if end > start and size + len(body) > budget:
+        for end, one in enumerate(bodies):
+            if end > start and size + len(one) > budget:
                 times = received_at[start:end]
                 records.append((SpoolRecord.chunk(min(times), bodies[start:end]), times))
                 start, size = end, 0
-            size += len(body) + 1
+            size += len(one) + 1
         times = received_at[start:]
         records.append((SpoolRecord.chunk(min(times), bodies[start:]), times))
         return records
@@ -614,6 +655,7 @@ class SpoolLink:
             bodies.append(encode_signal(signal, app_id))
             received.append(signal.received_at)
         self._gather = []
+        self._encoded = []
         self._overflow_bytes = 0
         return Batch(bodies, received, -1)
 
@@ -787,6 +829,7 @@ class SpoolLink:
         start, or they are sent again. Overflow still being gathered is handed over first.
         """
         self._seal()
+        self._write_deferred()
         self._send_acks()
         if timeout <= 0:
             return
@@ -806,6 +849,7 @@ class SpoolLink:
         not take in time, read the last figures and close the spool."""
         loop = asyncio.get_running_loop()
         self._seal()
+        self._write_deferred()
         self._send_acks()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
