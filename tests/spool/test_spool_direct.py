@@ -5,7 +5,6 @@ Real spools on real files; the client cases aim at a loopback port nothing liste
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
@@ -95,30 +94,6 @@ async def test_direct_writes_are_checkpointed_by_the_worker(tmp_path: Path) -> N
         assert (await spool.status()).records == 4_000
     finally:
         await spool.close()
-
-
-async def test_burst_is_booked_spooled_in_the_call_that_fills_a_chunk(tmp_path: Path) -> None:
-    """signal_nowait() in a loop that never yields: full chunks are on disk and counted
-    spooled while it runs, with no loop turn; the books balance after every call."""
-    td = spool_client(
-        f"http://127.0.0.1:{free_port()}", tmp_path, max_queue_size=10, retry=SHORT_DEADLINE
-    )
-    await td.start()
-    await td._flusher.link.ready(30)
-    for i in range(1_010):
-        td.signal_nowait("Direct.burst", payload={"Test.id": i})
-        assert balanced(td.stats)
-    # Ten chunks of 100: each written in the call that sealed the next one, the last at the
-    # loop's next turn (a slice of its own for a loop that turns between calls).
-    assert td.stats.spooled == 900
-    assert rows_on_disk(tmp_path) == 900
-    await asyncio.sleep(0)
-    assert td.stats.spooled == 1_000
-    assert rows_on_disk(tmp_path) == 1_000
-    await td.aclose(timeout=30)
-    assert td.stats.dropped == {}
-    assert td.stats.spooled == 1_010
-    assert balanced(td.stats)
 
 
 async def test_overflow_goes_to_the_thread_while_another_writer_holds_the_lock(
