@@ -197,6 +197,12 @@ _MAX_STATEMENT_BYTES: Final = 2**20
 #: crc32 is computed over slices of this size: ``zlib`` lets go of the GIL for longer inputs,
 #: and beside a busy event loop taking it back costs up to the switch interval.
 _CRC_SLICE: Final = 4096
+#: A direct write (``Spool.append_now``) that took longer than this (seconds) found the disk
+#: busy: a write() on ext4 may wait tens of milliseconds for a journal commit that some fsync
+#: (of any process) started. The event loop must not wait like that again soon, so for
+#: ``_DIRECT_PAUSE`` seconds the worker thread, which may wait, takes every write.
+_DIRECT_SLOW: Final = 0.002
+_DIRECT_PAUSE: Final = 1.0
 #: Seconds a reading of plenty of free disk space is reused (see ``_Store.tight``).
 _ROOM_REUSE: Final = 1.0
 #: The same problem is logged at most once per this many seconds.
@@ -2243,6 +2249,8 @@ class Spool:
         self._failed = 0
         # When the worker thread is next told about direct writes (it checkpoints them).
         self._nudge_at = -math.inf
+        # Until when direct writes pause after a slow one (monotonic seconds).
+        self._direct_paused_until = -math.inf
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "disabled" if self.disabled else "open"
@@ -2405,12 +2413,17 @@ class Spool:
         connection holds the write lock, the disk is nearly full, the durability is
         ``"always"`` (each commit is fsynced), the spool is closed, disabled or another
         process's (fork), or there is no direct connection. The checkpoints (the fsyncs) stay
-        on the worker thread. After a failed write the worker thread does every write (it
-        repairs, measures and retries); the record is then handed over too. The record is
+        on the worker thread. The disk can still make a write wait (a journal commit another
+        fsync started): after a write slower than 2 ms, direct writes pause for a second and
+        the worker thread takes them. After a failed write the worker thread does every write
+        (it repairs, measures and retries); the record is then handed over too. The record is
         trusted: the caller built it with :meth:`SpoolRecord.chunk` or :meth:`SpoolRecord.joined`.
         """
         worker = self._worker
         if self._closed or worker.disabled or os.getpid() != self._pid:
+            return None
+        start = time.monotonic()
+        if start < self._direct_paused_until:
             return None
         lock = worker.direct_lock
         if not lock.acquire(blocking=False):
@@ -2426,6 +2439,8 @@ class Spool:
             worker.drop_direct(trouble)
         if result is not None:
             now = time.monotonic()
+            if now - start > _DIRECT_SLOW:
+                self._direct_paused_until = now + _DIRECT_PAUSE
             if now >= self._nudge_at:
                 # The worker checkpoints what it knows was written: tell it, once a second.
                 self._nudge_at = now + _CHECKPOINT_INTERVAL

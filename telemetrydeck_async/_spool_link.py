@@ -472,8 +472,11 @@ class SpoolLink:
         self._write_deferred()
         spool = self.spool
         loop = _running_loop()
+        per_signal = 0
         for record, received_at in self._chunk_records(signals, encoded):
-            chunk = _Chunk(record, received_at, len(record.body) + _ENTRY_BYTES * len(received_at))
+            size = len(record.body) + _ENTRY_BYTES * len(received_at)
+            per_signal = size // len(received_at)
+            chunk = _Chunk(record, received_at, size)
             self._chunks.append(chunk)
             self._chunked += len(received_at)
             self._overflow_bytes += chunk.size
@@ -488,8 +491,14 @@ class SpoolLink:
                 if loop is not None:
                     self._start_overflow_writer()
         # Bounded, chunks with the writer included: a burst from synchronous code can outrun
-        # the disk for a moment, but memory stays capped however slow the disk is.
-        while self._overflow_full(0) and (self._book_written() or self._drop_oldest_overflow()):
+        # the disk for a moment, but memory stays capped however slow the disk is. Room is
+        # kept for the next chunk as it gathers (not encoded yet, so not counted in bytes):
+        # as many signals as a chunk, of the size of the last one.
+        room = self.config.batch_size
+        room_bytes = room * per_signal
+        while self._overflow_full(room, room_bytes) and (
+            self._book_written() or self._drop_oldest_overflow()
+        ):
             pass
 
     def _write_deferred(self) -> None:
@@ -621,11 +630,12 @@ class SpoolLink:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(waited), timeout)
 
-    def _overflow_full(self, slack: int) -> bool:
-        """True when the overflow is over its bound (by more than ``slack`` signals)."""
+    def _overflow_full(self, room: int, room_bytes: int = 0) -> bool:
+        """True when the overflow leaves less than ``room`` signals (or ``room_bytes``) below
+        its bound."""
         depth = self.overflow_depth
-        return depth > OVERFLOW_BUFFER - slack or (
-            depth > 1 and self._overflow_bytes > OVERFLOW_BYTES
+        return depth > OVERFLOW_BUFFER - room or (
+            depth > 1 and self._overflow_bytes > OVERFLOW_BYTES - room_bytes
         )
 
     def take_overflow(self) -> Batch:

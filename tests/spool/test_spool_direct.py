@@ -10,9 +10,11 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetrydeck_async import _spool
 from telemetrydeck_async._spool import DB_NAME, SpoolRecord, open_spool
 from tests.helpers import SHORT_DEADLINE, balanced, free_port, spool_client, wait_until
 from tests.spool.test_spool_chunks import rows_on_disk
@@ -53,6 +55,13 @@ def test_joined_refuses_a_body_it_cannot_cut() -> None:
     assert SpoolRecord.joined(1.0, b'{"type":"x"},{"type":"y"}', 2) is None
 
 
+@pytest.fixture
+def never_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No direct write counts as slow: a busy shared disk must not pause them in these tests."""
+    monkeypatch.setattr(_spool, "_DIRECT_SLOW", 60.0)
+
+
+@pytest.mark.usefixtures("never_slow")
 async def test_append_now_commits_before_it_returns_and_never_waits(tmp_path: Path) -> None:
     """Stored pending in the call itself; None (hand it over) while another connection holds
     the write lock, for durability "always", and once closed."""
@@ -80,6 +89,7 @@ async def test_append_now_commits_before_it_returns_and_never_waits(tmp_path: Pa
         await always.close()
 
 
+@pytest.mark.usefixtures("never_slow")
 async def test_direct_writes_are_checkpointed_by_the_worker(tmp_path: Path) -> None:
     """Commits no longer checkpoint by themselves: the worker thread, told about the direct
     writes, moves them into the database file while the spool stays open."""
@@ -119,3 +129,23 @@ async def test_overflow_goes_to_the_thread_while_another_writer_holds_the_lock(
     assert td.stats.dropped == {}
     assert td.stats.spooled == 510
     assert rows_on_disk(tmp_path) == 510
+
+
+async def test_a_slow_direct_write_hands_the_next_ones_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that took long (the disk made it wait) pauses direct writes for a while: the
+    loop must not wait like that again soon; the worker thread takes them meanwhile."""
+    spool = await open_spool(tmp_path)
+    record = SpoolRecord.chunk(1_800_000_000.0, signal_bodies(["a", "b"]))
+    try:
+        monkeypatch.setattr(_spool, "_DIRECT_SLOW", -1.0)  # every write counts as slow
+        assert spool.append_now(record) is not None, "the slow write itself is stored"
+        assert spool.append_now(record) is None, "paused: hand it to the thread"
+        monkeypatch.setattr(_spool, "_DIRECT_PAUSE", 0.0)
+        monkeypatch.setattr(spool, "_direct_paused_until", -1.0)
+        monkeypatch.setattr(_spool, "_DIRECT_SLOW", 60.0)
+        assert spool.append_now(record) is not None, "the pause ends"
+        assert rows_on_disk(tmp_path) == 4
+    finally:
+        await spool.close()
