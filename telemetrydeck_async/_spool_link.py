@@ -28,14 +28,14 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol, overload
 
 import attrs
 
 from ._batcher import Batch, batch_budget
 from ._config import ClientConfig
-from ._signal import Signal, encode_signal
+from ._signal import Signal, encode_batch, encode_signal
 from ._spool import (
     AppendResult,
     ClaimResult,
@@ -67,12 +67,10 @@ OVERFLOW_BYTES = 32 * 2**20
 AWAITED_OVERFLOW = 10_000
 #: What one waiting signal costs beside its body: the tuple, the bytes and float objects.
 _ENTRY_BYTES = 120
-#: Overflowing signals written to the spool per transaction. 5,000 spilled faster but the
-#: spool thread then held the GIL for milliseconds at a time, stalling a busy loop more.
-_SPILL_CHUNK = 1_000
-#: Overflowing signals made into records per turn of the loop while a chunk is prepared:
-#: the loop's callers run in between, so preparing a chunk never stalls them for long.
-_SPILL_SLICE = 500
+#: Overflowing signals are encoded this many at a time while a chunk gathers: the cost of a
+#: chunk (a few hundred microseconds for 100 signals) is spread over the calls that fill it,
+#: so no one call, nor one turn of a loop that turns between calls, carries all of it.
+_ENCODE_SLICE = 20
 #: Batches claimed from the spool in one transaction while recovering at full pace.
 _CLAIM_BATCHES = 32
 #: Seconds a partly gathered overflow chunk waits for more signals before it is written.
@@ -88,9 +86,10 @@ _HEARTBEATS_PER_LEASE = 3
 
 @attrs.define(eq=False)
 class _Chunk:
-    """Overflow signals sealed into one spool record, until their outcome is accounted."""
+    """Overflow signals sealed into one spool record, waiting for the spool's thread, until
+    their outcome is accounted."""
 
-    bodies: list[bytes]
+    record: SpoolRecord
     received_at: list[float]
     #: What they count against OVERFLOW_BYTES.
     size: int
@@ -98,6 +97,29 @@ class _Chunk:
     ticket: _Job[AppendResult] | None = None
     #: True once accounted (stored, dropped, or taken by an exit without a loop).
     settled: bool = False
+
+    def bodies(self) -> list[bytes]:
+        """The signals' bodies, cut out of the record (for a drop or an exit)."""
+        return self.record.bodies()
+
+
+class _Bodies(Sequence[bytes]):
+    """The bodies of a chunk record for the books: its count at once, the bodies themselves
+    only if someone reads them (an ``on_drop`` hook), so a chunk stored whole is never cut."""
+
+    def __init__(self, record: SpoolRecord) -> None:
+        self._record = record
+        self._count = record.count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        return self._record.bodies()[index]
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -143,10 +165,13 @@ class SpoolLink:
     _background: set[asyncio.Future[Any]] = attrs.field(factory=set, init=False)
     _opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    # Signals that overflowed the queue, encoded, gathered into the next chunk, and the
-    # chunk's body bytes so far (commas included).
-    _gather: deque[tuple[bytes, float]] = attrs.field(factory=deque, init=False)
-    _gather_size: int = attrs.field(default=0, init=False)
+    # Signals that overflowed the queue, gathered into the next chunk (at most batch_size),
+    # and the encoded bodies of the first of them, _ENCODE_SLICE signals each.
+    _gather: list[Signal] = attrs.field(factory=list, init=False)
+    _encoded: list[bytes] = attrs.field(factory=list, init=False)
+    # The last sealed chunk, when it is to be written at the loop's next turn (a slice of its
+    # own); written in the next seal instead when the loop has not turned by then.
+    _deferred: _Chunk | None = attrs.field(default=None, init=False)
     _seal_scheduled: bool = attrs.field(default=False, init=False)
     # Sealed chunks not yet accounted (waiting for the spool to open, or with its thread),
     # oldest first, and how many signals they hold.
@@ -269,7 +294,7 @@ class SpoolLink:
         if result is not None:
             self._record_stored(rest.bodies, result, detail)
 
-    def _record_stored(self, bodies: list[bytes], result: AppendResult, detail: str) -> None:
+    def _record_stored(self, bodies: Sequence[bytes], result: AppendResult, detail: str) -> None:
         self.accounting.record_stored(
             bodies,
             result.stored,
@@ -373,40 +398,43 @@ class SpoolLink:
         """A signal did not fit in the queue: spool it, or drop it.
 
         Runs in the caller's call (``signal_nowait()`` from code that may not yield for a long
-        time), so nothing here waits for the loop to turn: the signal joins a chunk; a full
-        chunk (one batch: ``batch_size`` signals, the batch byte budget) goes straight to the
-        spool's thread, which writes it while the caller keeps running. The signals stay
-        pending until the result comes back to the loop.
+        time), so nothing here waits for the loop to turn. The signal joins the next chunk as
+        it is, like a put on the queue; a full chunk (``batch_size`` signals) is encoded in
+        one call and written to disk there and then (:meth:`Spool.append_now`, a fraction of
+        a millisecond), or, when that cannot be done at once, goes to the spool's thread,
+        which writes it while the caller keeps running (the signals stay pending until the
+        result comes back to the loop).
         """
         if spool_id is not None and self.spool is not None:
             # Written ahead: it is on disk already; hand it to the spool for later.
             self.accounting.record_spooled(1)
             self.later(self.spool.release([spool_id]))
             return
-        body = encode_signal(signal, self.config.app_id)
         if self.config.spool_dir is None:
+            body = encode_signal(signal, self.config.app_id)
             self.drop(Batch([body], [signal.received_at], -1), "queue_full")
             return
         gather = self._gather
-        if gather and (
-            len(gather) >= self.config.batch_size
-            or self._gather_size + len(body) > self._chunk_budget
-        ):
-            self._seal()
         if not gather and not self._seal_scheduled and (loop := _running_loop()) is not None:
             # What a burst leaves gathered goes to disk shortly after; not at the next turn
             # of the loop: a service that turns it between requests would write tiny chunks.
             self._seal_scheduled = True
             loop.call_later(_SEAL_AFTER, self._seal_on_turn)
-        gather.append((body, signal.received_at))
-        self._gather_size += len(body) + 1
-        self._overflow_bytes += len(body) + _ENTRY_BYTES
-        if len(gather) >= self.config.batch_size:
+        gather.append(signal)
+        count = len(gather)
+        if count >= self.config.batch_size:
             self._seal()
-        # Bounded, chunks with the writer included: a burst from synchronous code can outrun
-        # the disk for a moment, but memory stays capped however slow the disk is.
-        while self._overflow_full(0) and (self._book_written() or self._drop_oldest_overflow()):
-            pass
+        elif not count % _ENCODE_SLICE:
+            self._encoded.append(self._encode(gather[-_ENCODE_SLICE:]))
+
+    def _encode(self, signals: list[Signal]) -> bytes:
+        """``signals`` as the inside of a JSON array: one batch-encoder call where it can be
+        used (the ``fast`` extra), else signal by signal."""
+        app_id = self.config.app_id
+        payload = encode_batch(signals, app_id)
+        if payload is not None:
+            return payload[1:-1]
+        return b",".join([encode_signal(signal, app_id) for signal in signals])
 
     def _book_written(self) -> bool:
         """Book the oldest chunks the spool's thread has finished, in this call: a caller that
@@ -421,54 +449,115 @@ class SpoolLink:
             if ticket is None or done is None or not done.is_set() or ticket.outcome is None:
                 break
             self._finish_chunk(chunk)
-            self._record_stored(chunk.bodies, ticket.outcome, "")
+            self._record_stored(_Bodies(chunk.record), ticket.outcome, "")
             booked = True
         return booked
-
-    @property
-    def _chunk_budget(self) -> int:
-        config = self.config
-        return batch_budget(config.max_batch_bytes, config.batch_size)
 
     def _seal_on_turn(self) -> None:
         self._seal_scheduled = False
         self._seal()
 
     def _seal(self) -> None:
-        """The gathered signals become one chunk, handed to the spool's thread when it can
-        take it (else kept for the background writer, which waits for the spool to open)."""
-        gather = self._gather
-        if not gather:
+        """The gathered signals become chunk records, each written to disk by this loop's
+        thread (:meth:`Spool.append_now`) at its next turn, or in the next seal if that comes
+        first; else handed to the spool's thread (or kept for the background writer, which
+        waits for the spool to open)."""
+        signals = self._gather
+        if not signals:
             return
-        chunk = _Chunk(
-            [body for body, _ in gather],
-            [at for _, at in gather],
-            self._overflow_bytes_of(gather),
-        )
-        gather.clear()
-        self._gather_size = 0
+        encoded = self._encoded
+        self._gather = []
+        self._encoded = []
         self._book_written()
-        self._chunks.append(chunk)
-        self._chunked += len(chunk.bodies)
+        self._write_deferred()
         spool = self.spool
         loop = _running_loop()
-        if spool is not None and not self._waiting and loop is not None:
-            self._hand_over(spool, chunk, loop)
-        else:
-            self._waiting.append(chunk)
-            if loop is not None:
-                self._start_overflow_writer()
+        per_signal = 0
+        for record, received_at in self._chunk_records(signals, encoded):
+            size = len(record.body) + _ENTRY_BYTES * len(received_at)
+            per_signal = size // len(received_at)
+            chunk = _Chunk(record, received_at, size)
+            self._chunks.append(chunk)
+            self._chunked += len(received_at)
+            self._overflow_bytes += chunk.size
+            if spool is not None and not self._waiting and loop is not None:
+                if self._deferred is None:
+                    self._deferred = chunk
+                    loop.call_soon(self._write_deferred)
+                else:
+                    self._write(spool, chunk, loop)
+            else:
+                self._waiting.append(chunk)
+                if loop is not None:
+                    self._start_overflow_writer()
+        # Bounded, chunks with the writer included: a burst from synchronous code can outrun
+        # the disk for a moment, but memory stays capped however slow the disk is. Room is
+        # kept for the next chunk as it gathers (not encoded yet, so not counted in bytes):
+        # as many signals as a chunk, of the size of the last one.
+        room = self.config.batch_size
+        room_bytes = room * per_signal
+        while self._overflow_full(room, room_bytes) and (
+            self._book_written() or self._drop_oldest_overflow()
+        ):
+            pass
 
-    @staticmethod
-    def _overflow_bytes_of(entries: Iterable[tuple[bytes, float]]) -> int:
-        return sum(len(body) + _ENTRY_BYTES for body, _ in entries)
+    def _write_deferred(self) -> None:
+        chunk = self._deferred
+        self._deferred = None
+        spool = self.spool
+        loop = _running_loop()
+        if chunk is None or chunk.settled:
+            return  # written, dropped, or taken by an exit without a loop already
+        if spool is None or loop is None:  # pragma: no cover - only deferred with both
+            self._waiting.append(chunk)
+            return
+        self._write(spool, chunk, loop)
+
+    def _write(self, spool: Spool, chunk: _Chunk, loop: asyncio.AbstractEventLoop) -> None:
+        """Write ``chunk`` here and now, or hand it to the spool's thread."""
+        result = spool.append_now(chunk.record)
+        if result is None:
+            self._hand_over(spool, chunk, loop)
+            return
+        self._finish_chunk(chunk)
+        self._record_stored(_Bodies(chunk.record), result, "")
+
+    def _chunk_records(
+        self, signals: list[Signal], encoded: list[bytes]
+    ) -> list[tuple[SpoolRecord, list[float]]]:
+        """``signals`` as spool records of at most one batch each (usually one record), with
+        their times. ``encoded`` holds the bodies of the first of them, as encoded so far.
+
+        Cut signal by signal at the batch byte budget when the whole is over it (or, which
+        the encoders never do, does not cut into its signals).
+        """
+        received_at = [signal.received_at for signal in signals]
+        budget = batch_budget(self.config.max_batch_bytes, self.config.batch_size)
+        rest = signals[len(encoded) * _ENCODE_SLICE :]
+        body = b",".join([*encoded, self._encode(rest)] if rest else encoded)
+        if len(body) <= budget:
+            record = SpoolRecord.joined(min(received_at), body, len(signals))
+            if record is not None:
+                return [(record, received_at)]
+        app_id = self.config.app_id
+        bodies = [encode_signal(signal, app_id) for signal in signals]
+        records = []
+        start = size = 0
+        for end, one in enumerate(bodies):
+            if end > start and size + len(one) > budget:
+                times = received_at[start:end]
+                records.append((SpoolRecord.chunk(min(times), bodies[start:end]), times))
+                start, size = end, 0
+            size += len(one) + 1
+        times = received_at[start:]
+        records.append((SpoolRecord.chunk(min(times), bodies[start:]), times))
+        return records
 
     def _hand_over(self, spool: Spool, chunk: _Chunk, loop: asyncio.AbstractEventLoop) -> None:
-        record = SpoolRecord.chunk(min(chunk.received_at), chunk.bodies)
-        ticket = spool.hand_over(record, loop)
+        ticket = spool.hand_over(chunk.record, loop)
         if ticket is None or ticket.future is None:
             self._finish_chunk(chunk)
-            self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+            self.drop(Batch(chunk.bodies(), chunk.received_at, -1), "queue_full")
             return
         chunk.ticket = ticket
         future = ticket.future
@@ -480,18 +569,18 @@ class SpoolLink:
         if chunk.settled or done.cancelled():
             return  # taken back (dropped), or already accounted by an exit without a loop
         self._finish_chunk(chunk)
-        self._record_stored(chunk.bodies, done.result(), "")
+        self._record_stored(_Bodies(chunk.record), done.result(), "")
 
     def _finish_chunk(self, chunk: _Chunk) -> None:
         """The chunk leaves the overflow (its signals are about to be accounted)."""
         chunk.settled = True
         with contextlib.suppress(ValueError):
             self._chunks.remove(chunk)
-        self._chunked -= len(chunk.bodies)
+        self._chunked -= len(chunk.received_at)
         self._overflow_bytes -= chunk.size
 
     def _drop_oldest_overflow(self) -> bool:
-        """Drop the oldest overflow that can still be taken back; False when none can."""
+        """Drop the oldest overflow chunk that can still be taken back; False when none can."""
         for chunk in self._chunks:
             ticket = chunk.ticket
             if ticket is not None and ticket.taken:
@@ -500,15 +589,8 @@ class SpoolLink:
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(chunk)
                 self._finish_chunk(chunk)
-                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+                self.drop(Batch(chunk.bodies(), chunk.received_at, -1), "queue_full")
                 return True
-        gather = self._gather
-        if len(gather) > 1:  # the writer has all the rest: the oldest gathered one goes
-            body, at = gather.popleft()
-            self._gather_size -= len(body) + 1
-            self._overflow_bytes -= len(body) + _ENTRY_BYTES
-            self.drop(Batch([body], [at], -1), "queue_full")
-            return True
         return False
 
     def _start_overflow_writer(self) -> None:
@@ -525,7 +607,7 @@ class SpoolLink:
             chunk = waiting.popleft()
             if spool is None:
                 self._finish_chunk(chunk)
-                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "queue_full")
+                self.drop(Batch(chunk.bodies(), chunk.received_at, -1), "queue_full")
             else:
                 self._hand_over(spool, chunk, asyncio.get_running_loop())
 
@@ -548,11 +630,12 @@ class SpoolLink:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(waited), timeout)
 
-    def _overflow_full(self, slack: int) -> bool:
-        """True when the overflow is over its bound (by more than ``slack`` signals)."""
+    def _overflow_full(self, room: int, room_bytes: int = 0) -> bool:
+        """True when the overflow leaves less than ``room`` signals (or ``room_bytes``) below
+        its bound."""
         depth = self.overflow_depth
-        return depth > OVERFLOW_BUFFER - slack or (
-            depth > 1 and self._overflow_bytes > OVERFLOW_BYTES
+        return depth > OVERFLOW_BUFFER - room or (
+            depth > 1 and self._overflow_bytes > OVERFLOW_BYTES - room_bytes
         )
 
     def take_overflow(self) -> Batch:
@@ -571,17 +654,18 @@ class SpoolLink:
                 done = ticket.done
                 if done is not None and done.wait(_EXIT_WAIT) and ticket.outcome is not None:
                     self._finish_chunk(chunk)
-                    self._record_stored(chunk.bodies, ticket.outcome, "")
+                    self._record_stored(_Bodies(chunk.record), ticket.outcome, "")
                     continue
             self._finish_chunk(chunk)
-            bodies += chunk.bodies
+            bodies += chunk.bodies()
             received += chunk.received_at
         self._waiting.clear()
-        for body, at in self._gather:
-            bodies.append(body)
-            received.append(at)
-        self._gather.clear()
-        self._gather_size = 0
+        app_id = self.config.app_id
+        for signal in self._gather:
+            bodies.append(encode_signal(signal, app_id))
+            received.append(signal.received_at)
+        self._gather = []
+        self._encoded = []
         self._overflow_bytes = 0
         return Batch(bodies, received, -1)
 
@@ -755,6 +839,7 @@ class SpoolLink:
         start, or they are sent again. Overflow still being gathered is handed over first.
         """
         self._seal()
+        self._write_deferred()
         self._send_acks()
         if timeout <= 0:
             return
@@ -774,6 +859,7 @@ class SpoolLink:
         not take in time, read the last figures and close the spool."""
         loop = asyncio.get_running_loop()
         self._seal()
+        self._write_deferred()
         self._send_acks()
         if self._background:
             await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0.05))
@@ -782,7 +868,7 @@ class SpoolLink:
             ticket = chunk.ticket
             if ticket is None or spool is None or spool.withdraw(ticket):
                 self._finish_chunk(chunk)
-                self.drop(Batch(chunk.bodies, chunk.received_at, -1), "shutdown")
+                self.drop(Batch(chunk.bodies(), chunk.received_at, -1), "shutdown")
             # else: being written; the spool's close below waits for it, and its result
             # reaches the books before that close returns.
         self._waiting.clear()

@@ -846,19 +846,23 @@ def test_fork_child_cannot_use_the_parent_spool(tmp_path: Path) -> None:
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
+            # The direct writer never raises: None, the parent's connection left untouched.
+            direct = repr(opened.append_now(records(1)[0])).encode()
             outcome = b"no error"
             try:
                 opened.append_sync(records(1))
             except SpoolError as exc:
                 outcome = b"SpoolError: " + str(exc).encode()
-            os.write(write, outcome)
+            os.write(write, direct + b"|" + outcome)
             os._exit(0)
         os.close(write)
         with os.fdopen(read, "rb") as pipe:
-            outcome = pipe.read()
+            direct, outcome = pipe.read().split(b"|", 1)
         os.waitpid(pid, 0)
+        assert direct == b"None"
         assert outcome.startswith(b"SpoolError: ")
         assert b"open a new spool" in outcome
+        assert opened.append_now(records(1)[0]) is not None, "the parent still writes directly"
         loop.run_until_complete(opened.close())
     finally:
         loop.close()
