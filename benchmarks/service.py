@@ -395,7 +395,21 @@ async def _server(
         line = await asyncio.wait_for(proc.stdout.readline(), patience)
         if not line.startswith(b"PORT "):
             raise RuntimeError(f"the server did not start: {line!r}")
-        yield proc.pid, int(line.split()[1])
+        port = int(line.split()[1])
+        # The port is printed once bound; uvicorn listens a moment later (much later under
+        # valgrind): wait until a connection is accepted.
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline or proc.returncode is not None:
+                    raise
+                await asyncio.sleep(0.1)
+            else:
+                writer.close()
+                break
+        yield proc.pid, port
     finally:
         assert proc.stdin is not None
         proc.stdin.close()  # uvicorn shuts down: the lifespan closes (and flushes) the client
