@@ -279,11 +279,6 @@ def checksum(body: bytes, sizes: bytes | None = None) -> int:
     return crc if sizes is None else zlib.crc32(sizes, crc)
 
 
-#: How every encoded signal object begins, and what lies between two of them in a chunk.
-_SIGNAL_START: Final = b'{"appID":'
-_SIGNAL_BOUNDARY: Final = b"}," + _SIGNAL_START
-
-
 def _pack_sizes(bodies: Sequence[bytes]) -> bytes:
     sizes = array.array("I", map(len, bodies))
     if sys.byteorder == "big":  # pragma: no cover - the file format is little-endian
@@ -346,35 +341,6 @@ class SpoolRecord:
             return cls(received_at, bodies[0], None, checksum(bodies[0]))
         body = b",".join(bodies)
         sizes = _pack_sizes(bodies)
-        return cls(received_at, body, sizes, checksum(body, sizes))
-
-    @classmethod
-    def joined(cls, received_at: float, body: bytes, count: int) -> SpoolRecord | None:
-        """One row from ``body``, the inside of a JSON array of ``count`` encoded signals.
-
-        For a batch encoded in one call (the client's ``encode_batch``), whose signal lengths
-        nobody knows: they are found here, at C speed, from where each signal object begins.
-        Every one begins with ``{"appID":`` and all but the first follow ``},``; a payload is
-        flat (no object inside it), and no JSON string can hold those bytes (its quotes would
-        be escaped), so ``},{"appID":`` marks the boundaries and nothing else. None when the
-        body does not cut into exactly ``count`` signals that way: the caller then encodes
-        them one by one (:meth:`chunk`).
-        """
-        if count == 1:
-            return cls(received_at, body, None, checksum(body))
-        if count < 1 or not body.startswith(_SIGNAL_START):
-            return None
-        parts = body.split(_SIGNAL_BOUNDARY)
-        if len(parts) != count:
-            return None
-        # A part lacks the "}" that ends its signal and/or the '{"appID":' that starts it.
-        middle = len(_SIGNAL_BOUNDARY) - 1
-        lengths = array.array("I", [len(part) + middle for part in parts])
-        lengths[0] -= len(_SIGNAL_START)
-        lengths[-1] -= 1
-        if sys.byteorder == "big":  # pragma: no cover - the file format is little-endian
-            lengths.byteswap()
-        sizes = lengths.tobytes()
         return cls(received_at, body, sizes, checksum(body, sizes))
 
     @property
@@ -2417,7 +2383,7 @@ class Spool:
         fsync started): after a write slower than 2 ms, direct writes pause for a second and
         the worker thread takes them. After a failed write the worker thread does every write
         (it repairs, measures and retries); the record is then handed over too. The record is
-        trusted: the caller built it with :meth:`SpoolRecord.chunk` or :meth:`SpoolRecord.joined`.
+        trusted: the caller built it with :meth:`SpoolRecord.chunk`.
         """
         worker = self._worker
         if self._closed or worker.disabled or os.getpid() != self._pid:

@@ -35,7 +35,7 @@ import attrs
 
 from ._batcher import Batch, batch_budget
 from ._config import ClientConfig
-from ._signal import Signal, encode_batch, encode_signal
+from ._signal import Signal, encode_signal
 from ._spool import (
     AppendResult,
     ClaimResult,
@@ -67,10 +67,6 @@ OVERFLOW_BYTES = 32 * 2**20
 AWAITED_OVERFLOW = 10_000
 #: What one waiting signal costs beside its body: the tuple, the bytes and float objects.
 _ENTRY_BYTES = 120
-#: Overflowing signals are encoded this many at a time while a chunk gathers: the cost of a
-#: chunk (a few hundred microseconds for 100 signals) is spread over the calls that fill it,
-#: so no one call, nor one turn of a loop that turns between calls, carries all of it.
-_ENCODE_SLICE = 20
 #: Batches claimed from the spool in one transaction while recovering at full pace.
 _CLAIM_BATCHES = 32
 #: Seconds a partly gathered overflow chunk waits for more signals before it is written.
@@ -165,10 +161,8 @@ class SpoolLink:
     _background: set[asyncio.Future[Any]] = attrs.field(factory=set, init=False)
     _opening: asyncio.Task[Spool | None] | None = attrs.field(default=None, init=False)
     _recovery: asyncio.Task[None] | None = attrs.field(default=None, init=False)
-    # Signals that overflowed the queue, gathered into the next chunk (at most batch_size),
-    # and the encoded bodies of the first of them, _ENCODE_SLICE signals each.
+    # Signals that overflowed the queue, gathered into the next chunk (at most batch_size).
     _gather: list[Signal] = attrs.field(factory=list, init=False)
-    _encoded: list[bytes] = attrs.field(factory=list, init=False)
     # The last sealed chunk, when it is to be written at the loop's next turn (a slice of its
     # own); written in the next seal instead when the loop has not turned by then.
     _deferred: _Chunk | None = attrs.field(default=None, init=False)
@@ -399,11 +393,11 @@ class SpoolLink:
 
         Runs in the caller's call (``signal_nowait()`` from code that may not yield for a long
         time), so nothing here waits for the loop to turn. The signal joins the next chunk as
-        it is, like a put on the queue; a full chunk (``batch_size`` signals) is encoded in
-        one call and written to disk there and then (:meth:`Spool.append_now`, a fraction of
-        a millisecond), or, when that cannot be done at once, goes to the spool's thread,
-        which writes it while the caller keeps running (the signals stay pending until the
-        result comes back to the loop).
+        it is, like a put on the queue; a full chunk (``batch_size`` signals, each already
+        encoded) is joined and written to disk there and then (:meth:`Spool.append_now`, a
+        fraction of a millisecond), or, when that cannot be done at once, goes to the spool's
+        thread, which writes it while the caller keeps running (the signals stay pending
+        until the result comes back to the loop).
         """
         if spool_id is not None and self.spool is not None:
             # Written ahead: it is on disk already; hand it to the spool for later.
@@ -421,20 +415,8 @@ class SpoolLink:
             self._seal_scheduled = True
             loop.call_later(_SEAL_AFTER, self._seal_on_turn)
         gather.append(signal)
-        count = len(gather)
-        if count >= self.config.batch_size:
+        if len(gather) >= self.config.batch_size:
             self._seal()
-        elif not count % _ENCODE_SLICE:
-            self._encoded.append(self._encode(gather[-_ENCODE_SLICE:]))
-
-    def _encode(self, signals: list[Signal]) -> bytes:
-        """``signals`` as the inside of a JSON array: one batch-encoder call where it can be
-        used (the ``fast`` extra), else signal by signal."""
-        app_id = self.config.app_id
-        payload = encode_batch(signals, app_id)
-        if payload is not None:
-            return payload[1:-1]
-        return b",".join([encode_signal(signal, app_id) for signal in signals])
 
     def _book_written(self) -> bool:
         """Book the oldest chunks the spool's thread has finished, in this call: a caller that
@@ -465,15 +447,13 @@ class SpoolLink:
         signals = self._gather
         if not signals:
             return
-        encoded = self._encoded
         self._gather = []
-        self._encoded = []
         self._book_written()
         self._write_deferred()
         spool = self.spool
         loop = _running_loop()
         per_signal = 0
-        for record, received_at in self._chunk_records(signals, encoded):
+        for record, received_at in self._chunk_records(signals):
             size = len(record.body) + _ENTRY_BYTES * len(received_at)
             per_signal = size // len(received_at)
             chunk = _Chunk(record, received_at, size)
@@ -492,7 +472,7 @@ class SpoolLink:
                     self._start_overflow_writer()
         # Bounded, chunks with the writer included: a burst from synchronous code can outrun
         # the disk for a moment, but memory stays capped however slow the disk is. Room is
-        # kept for the next chunk as it gathers (not encoded yet, so not counted in bytes):
+        # kept for the next chunk as it gathers (not chunked yet, so not counted in bytes):
         # as many signals as a chunk, of the size of the last one.
         room = self.config.batch_size
         room_bytes = room * per_signal
@@ -522,23 +502,12 @@ class SpoolLink:
         self._finish_chunk(chunk)
         self._record_stored(_Bodies(chunk.record), result, "")
 
-    def _chunk_records(
-        self, signals: list[Signal], encoded: list[bytes]
-    ) -> list[tuple[SpoolRecord, list[float]]]:
+    def _chunk_records(self, signals: list[Signal]) -> list[tuple[SpoolRecord, list[float]]]:
         """``signals`` as spool records of at most one batch each (usually one record), with
-        their times. ``encoded`` holds the bodies of the first of them, as encoded so far.
-
-        Cut signal by signal at the batch byte budget when the whole is over it (or, which
-        the encoders never do, does not cut into its signals).
-        """
+        their times: cut signal by signal at the batch byte budget. Each signal carries its
+        bytes (encoded as the client built it), so sealing a chunk only joins them."""
         received_at = [signal.received_at for signal in signals]
         budget = batch_budget(self.config.max_batch_bytes, self.config.batch_size)
-        rest = signals[len(encoded) * _ENCODE_SLICE :]
-        body = b",".join([*encoded, self._encode(rest)] if rest else encoded)
-        if len(body) <= budget:
-            record = SpoolRecord.joined(min(received_at), body, len(signals))
-            if record is not None:
-                return [(record, received_at)]
         app_id = self.config.app_id
         bodies = [encode_signal(signal, app_id) for signal in signals]
         records = []
@@ -665,7 +634,6 @@ class SpoolLink:
             bodies.append(encode_signal(signal, app_id))
             received.append(signal.received_at)
         self._gather = []
-        self._encoded = []
         self._overflow_bytes = 0
         return Batch(bodies, received, -1)
 

@@ -11,8 +11,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from telemetrydeck_async import _spool
 from telemetrydeck_async._spool import DB_NAME, SpoolRecord, open_spool
@@ -30,29 +28,6 @@ def signal_bodies(texts: list[str]) -> list[bytes]:
         ).encode()
         for i, text in enumerate(texts)
     ]
-
-
-# Text that looks like the boundary between two signals, inside keys and values.
-_TRICKY = st.sampled_from(['},{"appID":', '{"appID":', "},{", '"', "\\", "}", "é\n"])
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.text(max_size=12) | _TRICKY, min_size=1, max_size=8))
-def test_joined_record_is_the_chunk_of_the_same_signals(texts: list[str]) -> None:
-    """The inside of an encoded array cuts into exactly its signals, whatever their text."""
-    bodies = signal_bodies(texts)
-    joined = SpoolRecord.joined(5.0, b",".join(bodies), len(bodies))
-    assert joined == SpoolRecord.chunk(5.0, bodies)
-    assert joined is not None
-    assert joined.bodies() == bodies
-
-
-def test_joined_refuses_a_body_it_cannot_cut() -> None:
-    """A wrong count, or objects that do not start with appID: None (encode one by one)."""
-    bodies = signal_bodies(["a", "b", "c"])
-    assert SpoolRecord.joined(1.0, b",".join(bodies), 2) is None
-    assert SpoolRecord.joined(1.0, b",".join(bodies), 4) is None
-    assert SpoolRecord.joined(1.0, b'{"type":"x"},{"type":"y"}', 2) is None
 
 
 @pytest.fixture
