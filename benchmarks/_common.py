@@ -454,6 +454,62 @@ class LoopProbe:
         return clean, with_gc
 
 
+class LoopSlices:
+    """Measures how long each turn of the event loop keeps it busy, timers left out.
+
+    A loop turn runs every callback that became ready, then waits in ``select``. The time from
+    one ``select`` returning to the next call of it is the longest any ready task can wait for
+    work already running on the loop: the stall that code on the loop causes. A sleeping
+    probe (:class:`LoopProbe`) adds to that how late the machine wakes the loop, which on a
+    virtual machine can be most of its figure; the two side by side tell them apart.
+
+    It wraps the running loop's selector for the measurement and puts it back afterwards.
+    ``_selector`` is asyncio's private attribute; the benchmark may lean on it, the SDK does
+    not. Beside each slice's wall time the loop thread's own CPU time is kept: a slice in which
+    the thread waited for a core (another process, or the GIL held by another thread) shows
+    less CPU than wall time.
+    """
+
+    def __init__(self) -> None:
+        # (wall seconds, this thread's CPU seconds) per loop turn that ran anything
+        self.slices: list[tuple[float, float]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._selector: Any = None
+
+    def start(self) -> None:
+        """Start measuring the running loop's turns."""
+        loop = asyncio.get_running_loop()
+        inner = loop._selector  # type: ignore[attr-defined]
+        record = self.slices.append
+        clock = time.perf_counter
+        cpu = time.thread_time
+        woke = [clock(), cpu()]
+
+        class _Timed:
+            def select(self, timeout: float | None = None) -> Any:
+                now, used = clock(), cpu()
+                record((now - woke[0], used - woke[1]))
+                events = inner.select(timeout)
+                woke[0], woke[1] = clock(), cpu()
+                return events
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+        self._loop, self._selector = loop, inner
+        loop._selector = _Timed()  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """Put the loop's own selector back."""
+        if self._loop is not None:
+            self._loop._selector = self._selector  # type: ignore[attr-defined]
+            self._loop = None
+
+    def busy_ms(self, *, own_cpu: bool = False) -> list[float]:
+        """Each turn's busy time in ms (``own_cpu``: the loop thread's CPU time in it)."""
+        return [(used if own_cpu else wall) * 1000 for wall, used in self.slices]
+
+
 def machine() -> dict[str, Any]:
     """CPU model, cores, Python and OS, for the report."""
     import platform

@@ -27,7 +27,7 @@ from telemetrydeck_async import TelemetryClient
 from telemetrydeck_async._spool import Destination, SpoolRecord, _salvage, open_spool
 from telemetrydeck_async.devserver import IngestEmulator
 from tests import _proc
-from tests.helpers import SHORT_DEADLINE, free_port, spool_client, start_producer
+from tests.helpers import SHORT_DEADLINE, free_port, spool_client, start_producer, wait_until
 
 LOGGER = "telemetrydeck_async"
 PAGE = 4096
@@ -43,6 +43,14 @@ def stored_bodies(db: Path) -> list[bytes]:
     uri = f"file:{db}?immutable=1"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         return [row[0] for row in conn.execute("SELECT body FROM records ORDER BY id")]
+
+
+def readable_bodies(db: Path) -> list[bytes]:
+    """`stored_bodies`, or none while the file is still empty or mid-checkpoint."""
+    try:
+        return stored_bodies(db)
+    except sqlite3.DatabaseError:  # no table in the file yet, or a page caught mid-copy
+        return []
 
 
 def intact(data: bytes, bodies: list[bytes], damaged: list[tuple[int, int]]) -> set[bytes]:
@@ -243,7 +251,9 @@ async def test_deleted_wal_after_kill_9_keeps_what_reached_the_file(
     child = await start_producer(port, tmp_path, "always", 3_000, 8, 10_000)
     try:
         await child.wait_for("^ok ", timeout=60)
-        await asyncio.sleep(1.5)  # one idle checkpoint or so: part in the file, part in the WAL
+        # The producer's worker checkpoints about once a second while idle: wait until the
+        # file alone holds records (part in the file, maybe part still in the WAL), then kill.
+        await wait_until(lambda: bool(readable_bodies(tmp_path / DB)), timeout=60)
         child.send_signal(signal.SIGKILL)
         await child.finish(timeout=30)
     finally:
