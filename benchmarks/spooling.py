@@ -275,6 +275,23 @@ async def _spill_run(
     return out
 
 
+async def _caller_alone(n: int, down: int, common: dict[str, Any]) -> float:
+    """The spill's ceiling: ``signal_nowait()`` per second from the same loop, same client
+    options and endpoint (down), with a queue that holds all ``n``: no overflow, no spool."""
+    from telemetrydeck_async import TelemetryClient
+
+    td = TelemetryClient(
+        APP_ID, base_url=f"http://127.0.0.1:{down}", max_queue_size=n + 1, **common
+    )
+    await td.start()
+    t0 = time.perf_counter()
+    for i in range(n):
+        td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
+    rate = n / (time.perf_counter() - t0)
+    await td.aclose(timeout=0.0)  # nowhere to send them: dropped (shutdown), not measured
+    return rate
+
+
 async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     """Spill, recovery and write-ahead through ``TelemetryClient``."""
     from telemetrydeck_async import TelemetryClient
@@ -290,6 +307,8 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     # First a burst from a loop that never yields (a synchronous loop over items): what the
     # disk absorbs while the burst runs, and what is dropped. Then the same with the loop
     # turning every few signals (a service between requests), the stall probe watching.
+    # The same calls with room in the queue, just before: what the spill cannot exceed.
+    out["spill_ceiling"] = await _caller_alone(n, down, common)
     burst = await _spill_run(n, spill_dir, down, common, yield_every=0)
     out["spill"] = burst["rate"]
     out["spill_caller"] = burst["caller"]
@@ -399,6 +418,17 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         f"{client['spill_turning']:,.0f}/s, dropped {client['spill_turning_dropped'] or 0}",
     )
     spill.met = client["spill"] >= 100_000 and not client["spill_dropped"]
+    ceiling = Row(
+        "spool.client.spill_ceiling",
+        "client `signal_nowait()` alone, queue not full (the spill's ceiling, same run)",
+        client["spill_ceiling"],
+        "/s",
+        None,
+        note=f"n={client_n}, same options, endpoint down, a queue that holds them all: no "
+        f"overflow, no disk; the spill above is {client['spill'] / client['spill_ceiling']:.2f}x "
+        f"of it (never yields), {client['spill_turning'] / client['spill_ceiling']:.2f}x "
+        f"(turning every {STALL_YIELD})",
+    )
     always = Row(
         "spool.client.always",
         f'client `await signal()`, durability="always" ({CALLERS} concurrent callers)',
@@ -470,4 +500,4 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
             note=f"max {got['stall_max']:.2f} ms; own CPU only: p99 {got['stall_own_p99']:.2f} ms",
         ),
     ]
-    return [spill, always, recovery, stall, *direct]
+    return [spill, ceiling, always, recovery, stall, *direct]

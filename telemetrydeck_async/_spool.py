@@ -15,18 +15,20 @@ One directory (created with mode 0700) holds::
     spool.sqlite3.corrupt-<UTC time>-<pid>-<tag>[-wal|-shm]
                          a damaged database moved aside, kept for inspection
 
-Schema (``PRAGMA user_version`` = 3)::
+Schema (``PRAGMA user_version`` = 4)::
 
     records(id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, see below
             received_at REAL,     -- unix seconds of the (oldest) signal's receivedAt: FIFO, expiry
-            size INTEGER,         -- len(body); the spool's size is the sum of these
-            crc INTEGER,          -- crc32 of body, then sizes: salvage keeps only rows that match
+            size INTEGER,         -- len(body) as stored; the spool's size is the sum of these
+            crc INTEGER,          -- crc32 of body as stored, then sizes: salvage keeps only
+                                  -- rows that match
             owner TEXT NULL,      -- NULL = pending; else the owner id of the process sending it
             adopted INTEGER,      -- 1 = taken from a dead owner and not claimed since
             body BLOB,            -- the signals' JSON objects, UTF-8, joined by b","
             dest INTEGER NULL,    -- destinations.id; NULL = written by schema 1, nobody's yet
             count INTEGER,        -- how many signals body holds (1 for every row of schema 1, 2)
-            sizes BLOB NULL)      -- count > 1: each signal's length, uint32 little-endian
+            sizes BLOB NULL,      -- count > 1: each signal's length, uint32 little-endian
+            codec INTEGER)        -- 0: body as it is; 1: a chunk's body compressed (deflate)
     index records_by_age(received_at, id)         -- eviction (any destination), status
     index records_by_dest(dest, received_at, id)  -- claims and expiry of one destination
     destinations(id INTEGER PRIMARY KEY, url TEXT, app_id TEXT, UNIQUE (url, app_id))
@@ -45,6 +47,16 @@ signals and the batch byte budget), so a claimed chunk is a ready request. A chu
 expired (by its oldest signal's time) and evicted whole; counts (``totals``, ``status``) are
 signals. Schema 1 and 2 files are migrated in place (two ``ALTER TABLE``): their rows are
 one-signal rows.
+
+Compression: the client stores the chunks it spills compressed (``codec`` 1, raw deflate
+at zlib's level 1:
+a hundred signals of one app repeat most of their bytes, so a chunk shrinks to a few percent
+for about a microsecond per signal), which makes each commit one page instead of a chain of
+overflow pages. ``size``, ``max_bytes`` and the totals count bytes as stored; the byte budget
+of a claim counts them as sent. Claims decompress in the spool's thread and hand out the
+signals as they go on the wire; a row that does not decompress to what its ``sizes`` says is
+deleted, logged and counted (``ClaimResult.damaged``). Schema 3 files are migrated in place
+(one ``ALTER TABLE``): their rows are stored as they are.
 
 Destinations: several apps may (by mistake or on purpose) share one directory. A spool opened
 with a :class:`Destination` (the endpoint URL, namespace included, and the app ID) tags every
@@ -179,7 +191,7 @@ LOCK_NAME: Final = "spool.lock"
 #: Seconds an owner counts as alive after its last heartbeat, unless ``open_spool`` is told
 #: otherwise; the client renews it a few times within (see ``_spool_link``).
 DEFAULT_LEASE: Final = 30.0
-_SCHEMA_VERSION: Final = 3
+_SCHEMA_VERSION: Final = 4
 #: How long one statement waits for another process's write lock before it fails.
 _BUSY_TIMEOUT: Final = 5.0
 #: Seconds between passive WAL checkpoints while there are writes ("spill"'s durability window).
@@ -266,6 +278,13 @@ class DestinationInfo:
     bytes: int
 
 
+#: How a row's ``body`` is stored (``records.codec``, schema 4): as it is, or compressed with
+#: raw deflate (:func:`compress_chunk`). A reader that finds another value treats the row as
+#: damaged.
+CODEC_NONE: Final = 0
+CODEC_DEFLATE: Final = 1
+
+
 def checksum(body: bytes, sizes: bytes | None = None) -> int:
     """The CRC a row carries: crc32 of ``body``, continued over ``sizes`` for a chunk.
 
@@ -294,20 +313,79 @@ def _unpack_sizes(sizes: bytes) -> array.array[int]:
     return lengths
 
 
+def _plain_length(sizes: bytes) -> int | None:
+    """The length of the joined signals ``sizes`` describes (commas between them); None when
+    ``sizes`` cannot be a chunk's."""
+    if len(sizes) < 8 or len(sizes) % 4:
+        return None
+    lengths = _unpack_sizes(sizes)
+    return sum(lengths) + len(lengths) - 1
+
+
 def _chunk_is_consistent(body: bytes, sizes: bytes | None) -> bool:
     """Whether ``sizes`` cuts ``body`` into its signals exactly (commas between them)."""
-    if sizes is None:
-        return True
-    if len(sizes) < 8 or len(sizes) % 4:
-        return False
-    lengths = _unpack_sizes(sizes)
-    return sum(lengths) + len(lengths) - 1 == len(body)
+    return sizes is None or _plain_length(sizes) == len(body)
 
 
-def split_chunk(body: bytes, sizes: bytes | None) -> list[bytes]:
-    """The signal bodies of one stored row (a chunk's, or the one signal's)."""
+def compress_chunk(plain: bytes) -> bytes | None:
+    """``plain`` (a chunk's joined signals) compressed for storage, or None when that would
+    not make it smaller.
+
+    Raw deflate (the standard library's zlib, level 1, no zlib header): a chunk of a hundred
+    signals of one app repeats its keys, app ID, session and SDK keys in every signal, so even
+    the fastest level keeps a few percent of it (58 KB -> 1.2 KB in the benchmark) for about
+    a third of a microsecond per signal. Fewer bytes make the commit cheaper (one page instead
+    of an overflow chain of fifteen), wait less on the disk's journal, and fit more signals in
+    ``max_bytes``. Raw, because the zlib format's own adler32 over the uncompressed bytes
+    would cost as much again: the row's CRC covers the stored bytes, and decompression checks
+    the length (:func:`decode_body`).
+    """
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)
+    packed = deflate.compress(plain) + deflate.flush()
+    return packed if len(packed) < len(plain) else None
+
+
+def decode_body(body: bytes, sizes: bytes | None, codec: int) -> bytes | None:
+    """A stored row's joined signals as they go on the wire; None when the row is damaged
+    (an unknown codec, data that does not decompress, or not to the length ``sizes`` says).
+
+    Decompression stops one byte past the expected length, so a damaged row can never make
+    it allocate more than its own signals would take.
+    """
+    if codec == CODEC_NONE:
+        return body if _chunk_is_consistent(body, sizes) else None
+    if codec != CODEC_DEFLATE or sizes is None:
+        return None
+    expected = _plain_length(sizes)
+    if expected is None:
+        return None
+    inflate = zlib.decompressobj(-15)
+    try:
+        plain = inflate.decompress(body, expected + 1)
+    except zlib.error:
+        return None
+    if len(plain) != expected or not inflate.eof or inflate.unused_data:
+        return None
+    return plain
+
+
+def split_chunk(body: bytes, sizes: bytes | None, codec: int | None = None) -> list[bytes]:
+    """The signal bodies of one stored row (a chunk's, or the one signal's).
+
+    ``codec`` is how ``body`` is stored; None: as its length says. A chunk's body is stored
+    compressed only when that is shorter (:func:`compress_chunk`), so one shorter than its
+    signals is compressed, and one exactly as long is not. Raises ValueError for a body that
+    does not decode to the signals ``sizes`` describes.
+    """
     if sizes is None:
         return [body]
+    if codec is None:
+        codec = CODEC_NONE if _plain_length(sizes) == len(body) else CODEC_DEFLATE
+    if codec != CODEC_NONE:
+        plain = decode_body(body, sizes, codec)
+        if plain is None:
+            raise ValueError("a chunk's body does not decode to the signals its sizes describe")
+        body = plain
     out = []
     pos = 0
     for length in _unpack_sizes(sizes):
@@ -324,23 +402,34 @@ class SpoolRecord:
     the unix time (seconds) of the signal's ``receivedAt`` (a chunk's oldest); it decides the
     order records are claimed in and when they expire. ``body`` is the signal's JSON object,
     UTF-8 encoded: what goes inside the request's JSON array; a chunk's bodies are joined by
-    commas and ``sizes`` holds their lengths. The spool stores it verbatim. ``crc``, when
-    given, is :func:`checksum` of ``body`` and ``sizes`` (the caller may compute it where it is
-    cheapest); otherwise the spool computes it.
+    commas and ``sizes`` holds their lengths. ``codec`` says how ``body`` is stored:
+    :data:`CODEC_NONE`, as it is, or :data:`CODEC_DEFLATE`, a chunk's joined bodies compressed
+    (:func:`compress_chunk`). The spool stores ``body`` verbatim. ``crc``, when given, is
+    :func:`checksum` of ``body`` (as stored) and ``sizes`` (the caller may compute it where it
+    is cheapest); otherwise the spool computes it.
     """
 
     received_at: float
     body: bytes
     sizes: bytes | None = None
     crc: int | None = None
+    codec: int = 0
 
     @classmethod
-    def chunk(cls, received_at: float, bodies: Sequence[bytes]) -> SpoolRecord:
-        """One row holding ``bodies`` (one or more encoded signals), checksum included."""
+    def chunk(
+        cls, received_at: float, bodies: Sequence[bytes], *, compress: bool = False
+    ) -> SpoolRecord:
+        """One row holding ``bodies`` (one or more encoded signals), checksum included.
+
+        ``compress``: store a chunk of several compressed (:func:`compress_chunk`) when that
+        makes it smaller.
+        """
         if len(bodies) == 1:
             return cls(received_at, bodies[0], None, checksum(bodies[0]))
         body = b",".join(bodies)
         sizes = _pack_sizes(bodies)
+        if compress and (packed := compress_chunk(body)) is not None:
+            return cls(received_at, packed, sizes, checksum(packed, sizes), CODEC_DEFLATE)
         return cls(received_at, body, sizes, checksum(body, sizes))
 
     @property
@@ -348,9 +437,16 @@ class SpoolRecord:
         """How many signals this row holds."""
         return 1 if self.sizes is None else len(self.sizes) // 4
 
+    @property
+    def wire_size(self) -> int:
+        """The length of the joined signals as they are sent (``body`` decompressed)."""
+        if self.codec == CODEC_NONE or self.sizes is None:
+            return len(self.body)
+        return _plain_length(self.sizes) or 0
+
     def bodies(self) -> list[bytes]:
-        """The signal bodies, one per signal."""
-        return split_chunk(self.body, self.sizes)
+        """The signal bodies, one per signal (ValueError for a body that does not decode)."""
+        return split_chunk(self.body, self.sizes, self.codec)
 
 
 @attrs.frozen
@@ -386,13 +482,17 @@ class ClaimResult:
     chunk's packed lengths (:func:`split_chunk` cuts it). ``expired`` counts the signals of
     pending records deleted because they were older than ``max_age`` (the caller reports them
     as dropped, "expired"); ``adopted`` says how many of ``records`` were taken over from an
-    owner that died or closed.
+    owner that died or closed. Bodies come as they go on the wire (decompressed). ``damaged``
+    counts the signals of records deleted because their body did not decode (the caller
+    reports them as dropped, "spool_error"); like ``expired``, only the first result of a
+    claim carries it.
     """
 
     records: tuple[tuple[int, bytes], ...]
     expired: int
     adopted: int
     sizes: tuple[bytes | None, ...] = ()
+    damaged: int = 0
 
     @property
     def signals(self) -> int:
@@ -497,7 +597,8 @@ _SCHEMA: Final = (
         body        BLOB    NOT NULL,
         dest        INTEGER,
         count       INTEGER NOT NULL DEFAULT 1,
-        sizes       BLOB
+        sizes       BLOB,
+        codec       INTEGER NOT NULL DEFAULT 0
     )""",
     # One index serves FIFO claims (filtering owner IS NULL while walking it), expiry, eviction
     # and min/max for status. An owner index would make every insert and claim more expensive
@@ -528,6 +629,8 @@ _CHUNK_MIGRATION: Final = (
     "ALTER TABLE records ADD COLUMN count INTEGER NOT NULL DEFAULT 1",
     "ALTER TABLE records ADD COLUMN sizes BLOB",
 )
+#: What schema 4 added to schema 3: a chunk's body may be stored compressed.
+_CODEC_MIGRATION: Final = ("ALTER TABLE records ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",)
 _RECORD_COLUMNS: Final = (
     "id",
     "received_at",
@@ -539,6 +642,7 @@ _RECORD_COLUMNS: Final = (
     "dest",
     "count",
     "sizes",
+    "codec",
 )
 
 
@@ -907,6 +1011,8 @@ class _Store:
             version = self._migrate(conn, 1, ("ALTER TABLE records ADD COLUMN dest INTEGER",))
         if version == 2:
             version = self._migrate(conn, 2, _CHUNK_MIGRATION)
+        if version == 3:
+            version = self._migrate(conn, 3, _CODEC_MIGRATION)
         if version != _SCHEMA_VERSION:
             raise _IncompatibleError(self._incompatible(f"schema version {version}"))
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
@@ -916,7 +1022,8 @@ class _Store:
     @staticmethod
     def _migrate(conn: sqlite3.Connection, old: int, statements: Sequence[str]) -> int:
         """Schema ``old`` -> ``old + 1``: 1 -> 2 gives records a destination (NULL for the ones
-        already there), 2 -> 3 lets a record hold a chunk (the ones there hold one signal)."""
+        already there), 2 -> 3 lets a record hold a chunk (the ones there hold one signal),
+        3 -> 4 lets a chunk be stored compressed (the ones there are stored as they are)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -1193,6 +1300,7 @@ class _Store:
                 key,
                 record.count,
                 record.sizes,
+                record.codec,
             )
             for record in records
         ]
@@ -1209,7 +1317,7 @@ class _Store:
         the last row (the cursor knows it: asking SQLite would be one more hand-off).
         """
         last = 0
-        per = max(1, _variable_limit(conn) // 8)
+        per = max(1, _variable_limit(conn) // 9)
         start = 0
         while start < len(rows):
             end = start
@@ -1219,8 +1327,9 @@ class _Store:
                 end += 1
             chunk = rows[start:end]
             cursor = conn.execute(
-                "INSERT INTO records (received_at, size, crc, owner, body, dest, count, sizes)"
-                " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                "INSERT INTO records"
+                " (received_at, size, crc, owner, body, dest, count, sizes, codec)"
+                " VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
                 [value for row in chunk for value in row],
             )
             last = cursor.lastrowid or 0
@@ -1370,19 +1479,32 @@ class _Store:
         groups: list[list[tuple[int, bytes, bytes | None]]] = [[]]
         adopted = [0]
         total = overall = signals = 0
+        damaged: list[int] = []
+        lost = 0
         # ``limit`` counts signals; a record holds at least one, so this many rows is enough.
         cursor = conn.execute(
-            "SELECT id, size, adopted, body, count, sizes FROM records WHERE owner IS NULL"
-            + mine
-            + " ORDER BY received_at, id LIMIT ?",
+            "SELECT id, size, adopted, body, count, sizes, codec, crc FROM records"
+            " WHERE owner IS NULL" + mine + " ORDER BY received_at, id LIMIT ?",
             (*args, limit * batches),
         )
         try:
-            for record_id, size, was_adopted, body, count, sizes in cursor:
+            for record_id, size, was_adopted, stored, count, sizes, codec, crc in cursor:
+                body = stored
+                if codec != CODEC_NONE:
+                    # Deflate does not notice every damaged byte; the CRC of the few stored
+                    # bytes does, for about a microsecond.
+                    plain = decode_body(stored, sizes, codec)
+                    body = plain if crc == checksum(stored, sizes) else None
+                if body is None:  # never sendable: deleted below, counted, logged
+                    damaged.append(record_id)
+                    lost += count
+                    continue
                 group = groups[-1]
                 # Every batch gets at least one record, or one oversized body would block.
+                # ``max_bytes`` is about requests: bodies as sent, decompressed.
                 if group and (
-                    signals + count > limit or (max_bytes is not None and total + size > max_bytes)
+                    signals + count > limit
+                    or (max_bytes is not None and total + len(body) > max_bytes)
                 ):
                     if len(groups) == batches:
                         break
@@ -1393,12 +1515,23 @@ class _Store:
                 if budget is not None and overall and overall + size > budget:
                     break
                 group.append((record_id, body, sizes))
-                total += size
+                total += len(body)
                 signals += count
                 overall += size
                 adopted[-1] += was_adopted
         finally:
             cursor.close()
+        if damaged:
+            self._delete(damaged)
+            self.reporter.problem(
+                "undecodable",
+                logging.WARNING,
+                "spool %s: %d record(s) holding %d signal(s) did not decode (damaged on disk);"
+                " deleted them, counted as dropped (spool_error)",
+                self.path,
+                len(damaged),
+                lost,
+            )
         self._take([row[0] for group in groups for row in group])
         return [
             ClaimResult(
@@ -1406,6 +1539,7 @@ class _Store:
                 expired if i == 0 else 0,
                 count,
                 tuple(row[2] for row in group),
+                lost if i == 0 else 0,
             )
             for i, (group, count) in enumerate(zip(groups, adopted, strict=True))
             if group or i == 0
@@ -1567,24 +1701,27 @@ def _salvage(path: Path) -> list[tuple[SpoolRecord, Destination | None]]:
 def _as_record(
     values: list[Any], destinations: dict[int, Destination]
 ) -> tuple[SpoolRecord, Destination | None] | None:
-    """A ``records`` row (of schema 1, 2 or 3) whose body still matches its CRC, or None."""
-    if len(values) not in (7, 8, 10) or values[0] is not None:
+    """A ``records`` row (of schema 1 to 4) whose body still matches its CRC and decodes, or
+    None."""
+    if len(values) not in (7, 8, 10, 11) or values[0] is not None:
         return None
     received_at, size, crc, body = values[1], values[2], values[3], values[6]
-    count, sizes = (values[8], values[9]) if len(values) == 10 else (1, None)
+    count, sizes = (values[8], values[9]) if len(values) >= 10 else (1, None)
+    codec = values[10] if len(values) == 11 else CODEC_NONE
     if not (
         isinstance(body, bytes)
         and isinstance(received_at, (int, float))
         and math.isfinite(received_at)
         and size == len(body)
         and (sizes is None or isinstance(sizes, bytes))
+        and isinstance(codec, int)
         and crc == checksum(body, sizes)
         and count == (1 if sizes is None else len(sizes) // 4)
-        and _chunk_is_consistent(body, sizes)
+        and decode_body(body, sizes, codec) is not None
     ):
         return None
     dest = values[7] if len(values) >= 8 and isinstance(values[7], int) else None
-    record = SpoolRecord(float(received_at), body, sizes, crc)
+    record = SpoolRecord(float(received_at), body, sizes, crc, codec)
     return record, None if dest is None else destinations.get(dest)
 
 
@@ -2323,10 +2460,11 @@ class Spool:
                 raise ValueError(
                     f"SpoolRecord.received_at must be finite, not {record.received_at}"
                 )
-            if not _chunk_is_consistent(record.body, record.sizes):
+            if decode_body(record.body, record.sizes, record.codec) is None:
                 raise ValueError(
-                    "SpoolRecord.sizes must give each signal's length in body (build chunks"
-                    " with SpoolRecord.chunk)"
+                    "SpoolRecord.sizes must give each signal's length in body, and a"
+                    " compressed body must decompress to them (build chunks with"
+                    " SpoolRecord.chunk)"
                 )
         if not batch:
             return AppendResult((), 0, 0)
@@ -2368,25 +2506,32 @@ class Spool:
         return job
 
     def append_now(self, record: SpoolRecord) -> AppendResult | None:
-        """Store ``record`` pending at once, in the calling thread (the event loop's); or None.
+        """:meth:`append_many_now` of one record: its result, or None."""
+        results = self.append_many_now((record,))
+        return None if results is None else results[0]
 
-        For the overflow of a caller that does not yield. One short transaction on a
-        connection of its own (measured: about 0.25 ms for a chunk of 100 signals), with no
-        hand-off to the worker thread: beside a loop that runs Python without a break, each
-        of that thread's SQLite calls waits up to the interpreter's switch interval (5 ms) to
-        take the GIL back, and the loop waits in turn while the thread runs. Nothing here
-        waits: None, and the caller hands the record over (:meth:`hand_over`), when another
-        connection holds the write lock, the disk is nearly full, the durability is
+    def append_many_now(self, records: Sequence[SpoolRecord]) -> list[AppendResult] | None:
+        """Store ``records`` pending at once, in the calling thread (the event loop's): one
+        :class:`AppendResult` per record, in order; or None.
+
+        For the overflow of a caller that does not yield. One short transaction for all of
+        them, on a connection of its own (measured on a loaded VM: 0.1-0.2 ms for one
+        compressed chunk of 100 signals, most of it the commit, which several chunks share),
+        with no hand-off to the worker thread: beside a loop that runs Python without a break,
+        each of that thread's SQLite calls waits up to the interpreter's switch interval
+        (5 ms) to take the GIL back, and the loop waits in turn while the thread runs. Nothing
+        here waits: None, and the caller hands the records over (:meth:`hand_over`), when
+        another connection holds the write lock, the disk is nearly full, the durability is
         ``"always"`` (each commit is fsynced), the spool is closed, disabled or another
         process's (fork), or there is no direct connection. The checkpoints (the fsyncs) stay
         on the worker thread. The disk can still make a write wait (a journal commit another
         fsync started): after a write slower than 2 ms, direct writes pause for a second and
         the worker thread takes them. After a failed write the worker thread does every write
-        (it repairs, measures and retries); the record is then handed over too. The record is
-        trusted: the caller built it with :meth:`SpoolRecord.chunk`.
+        (it repairs, measures and retries); the records are then handed over too. The records
+        are trusted: the caller built them with :meth:`SpoolRecord.chunk`.
         """
         worker = self._worker
-        if self._closed or worker.disabled or os.getpid() != self._pid:
+        if not records or self._closed or worker.disabled or os.getpid() != self._pid:
             return None
         start = time.monotonic()
         if start < self._direct_paused_until:
@@ -2398,12 +2543,12 @@ class Spool:
             direct = worker.direct
             if direct is None:
                 return None
-            result, trouble = self._append_direct(direct, record)
+            results, trouble = self._append_direct(direct, records)
         finally:
             lock.release()
         if trouble is not None:
             worker.drop_direct(trouble)
-        if result is not None:
+        if results is not None:
             now = time.monotonic()
             if now - start > _DIRECT_SLOW:
                 self._direct_paused_until = now + _DIRECT_PAUSE
@@ -2411,32 +2556,34 @@ class Spool:
                 # The worker checkpoints what it knows was written: tell it, once a second.
                 self._nudge_at = now + _CHECKPOINT_INTERVAL
                 worker.submit(_Job(_note_writes, None, readonly=True))
-        return result
+        return results
 
     @staticmethod
     def _append_direct(
-        direct: _Store, record: SpoolRecord
-    ) -> tuple[AppendResult | None, str | None]:
-        """:meth:`append_now`'s transaction: (its result or None, why to stop writing directly)."""
+        direct: _Store, records: Sequence[SpoolRecord]
+    ) -> tuple[list[AppendResult] | None, str | None]:
+        """:meth:`append_many_now`'s transaction: (its results or None, why to stop writing
+        directly)."""
         conn = direct.conn
         # Another process repaired the file (moved it aside): the worker thread reopens both.
         if conn is None or _file_identity(direct.path) != direct.identity:
             return None, "the database file was replaced"
-        if direct.tight(len(record.body)) is not None:
+        if direct.tight(sum(len(record.body) for record in records)) is not None:
             return None, None  # the worker thread makes room (a truncating checkpoint) first
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:  # busy: another connection writes; the worker thread will wait
             return None, None
         try:
-            result = direct.append((record,), None)
+            # Each record as its own append (its own result), all in one INSERT when they fit.
+            results = direct.append_many([((record,), None) for record in records])
             conn.execute("COMMIT")
         except Exception as exc:
             direct.dest_id = None
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             return None, f"{type(exc).__name__}: {exc}"
-        return result, None
+        return results, None
 
     def withdraw(self, job: _Job[AppendResult]) -> bool:
         """Take back a record given to :meth:`hand_over`: True when the worker had not begun

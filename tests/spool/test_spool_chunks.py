@@ -128,7 +128,7 @@ async def test_schema_2_file_is_migrated_and_its_records_recovered(tmp_path: Pat
     finally:
         await spool.close()
     with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 async def test_salvage_keeps_chunk_records_whose_checksum_matches(tmp_path: Path) -> None:

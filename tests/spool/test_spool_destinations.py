@@ -206,7 +206,7 @@ async def test_records_from_schema_1_go_to_the_first_destination_that_opens(
         await first.close()
         await second.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "spool.sqlite3")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
 
 
 async def test_drain_refuses_records_without_a_destination_unless_told_where(

@@ -124,3 +124,32 @@ async def test_a_slow_direct_write_hands_the_next_ones_to_the_thread(
         assert rows_on_disk(tmp_path) == 4
     finally:
         await spool.close()
+
+
+@pytest.mark.usefixtures("never_slow")
+async def test_append_many_now_commits_several_chunks_in_one_transaction(tmp_path: Path) -> None:
+    """Several chunks in one direct write: one result per chunk, in order, all on disk when it
+    returns; nothing of them when another connection holds the write lock."""
+    spool = await open_spool(tmp_path)
+    chunks = [signal_bodies([f"{n}-{i}" for i in range(3)]) for n in range(4)]
+    records = [
+        SpoolRecord.chunk(1_800_000_000.0 + n, chunk, compress=True)
+        for n, chunk in enumerate(chunks)
+    ]
+    try:
+        with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)) as rival:
+            rival.execute("BEGIN IMMEDIATE")
+            assert spool.append_many_now(records) is None, "busy: all of them handed over"
+            rival.execute("ROLLBACK")
+        assert rows_on_disk(tmp_path) == 0
+        results = spool.append_many_now(records)
+        assert results is not None
+        assert [r.stored for r in results] == [3, 3, 3, 3]
+        ids = [r.ids[0] for r in results]
+        assert ids == sorted(ids)
+        assert len(set(ids)) == 4
+        assert rows_on_disk(tmp_path) == 12, "on disk before any await"
+        claimed = await spool.claim(100)
+        assert claimed.bodies() == [body for chunk in chunks for body in chunk]
+    finally:
+        await spool.close()
