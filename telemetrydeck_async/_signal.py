@@ -16,7 +16,7 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from json.encoder import encode_basestring as _json_str
 from typing import Any, Final, NamedTuple, cast
 
@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised by the suite run without the
 __all__ = [
     "RESERVED_KEYS",
     "SDK_KEY_PREFIX",
+    "CheckedPayload",
     "PayloadValue",
     "SharedPayload",
     "Signal",
@@ -275,6 +276,37 @@ def normalize_payload(payload: object, *, allow_reserved: bool = False) -> dict[
     return normalize_flagged(payload, allow_reserved=allow_reserved)[0]
 
 
+class CheckedPayload(Mapping[str, PayloadValue]):
+    """A payload checked and encoded once, for a caller that sends it again and again.
+
+    The web integrations send one of a few payloads (route, method, status class) on every
+    request: each is made once, and a signal carrying it skips the payload's checks and its
+    encoding (``members``: its JSON members as the stdlib writes them, closing brace
+    included; empty for no keys). Read-only, like the signals that share it.
+    """
+
+    __slots__ = ("_items", "floats", "members")
+
+    def __init__(self, payload: Mapping[str, object]) -> None:
+        items, floats = normalize_flagged(payload)
+        self._items = items
+        #: Whether a value is a float (the encoder's question, answered once).
+        self.floats = floats
+        self.members = _encode_object(items)[1:].encode() if items else b""
+
+    def __getitem__(self, key: str) -> PayloadValue:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"CheckedPayload({self._items!r})"
+
+
 def validate_float_value(value: object) -> float:
     """Return ``value`` as a finite float, else raise ``InvalidSignalError`` for ``float_value``."""
     kind = type(value)
@@ -364,7 +396,7 @@ class Signal(NamedTuple):
             "type": self.type,
             "isTestMode": self.test_mode,
             "receivedAt": format_received_at(self.received_at),
-            "payload": self.full_payload(),
+            "payload": dict(self.full_payload()),
         }
         if self.float_value is not None:
             obj["floatValue"] = self.float_value
@@ -514,19 +546,24 @@ def encode_fields(app_id: str, fields: SignalFields, floats: bool | None = None)
         try:
             key = (app_id, client_user, session_id, signal_type, test_mode)
             head = _HEADS.get(key) or _new_head(key)
-            if own:
+            if type(own) is CheckedPayload:  # checked and encoded when it was made
+                members = own.members
+                if members:
+                    opening = _PAYLOAD_OPENING if shared is None else shared.opening
+                else:
+                    opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
+            elif own:
                 opening = _PAYLOAD_OPENING if shared is None else shared.opening
-                members = None
+                fast: bytes | None = None
                 dumps = _orjson_dumps
                 if dumps is not None and not (
                     float in map(type, own.values()) if floats is None else floats
                 ):
                     try:
-                        members = dumps(own)[1:]
+                        fast = dumps(own)[1:]
                     except TypeError:  # a value orjson refuses: the stdlib encodes or refuses it
-                        members = None
-                if members is None:
-                    members = _encode_object(own)[1:].encode()
+                        fast = None
+                members = _encode_object(own)[1:].encode() if fast is None else fast
             else:
                 members = b""
                 opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone

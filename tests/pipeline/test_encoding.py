@@ -14,9 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telemetrydeck_async._signal as signal_module
-from telemetrydeck_async import TelemetryClient
+from telemetrydeck_async import InvalidSignalError, TelemetryClient
 from telemetrydeck_async._batcher import Batch, Batcher
-from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
+from telemetrydeck_async._signal import (
+    CheckedPayload,
+    SharedPayload,
+    Signal,
+    encode_signal,
+    format_received_at,
+)
 
 
 def reference(signal: Signal, app_id: str) -> bytes:
@@ -342,3 +348,21 @@ def test_client_built_signals_carry_their_reference_bytes(
     assert signal is not None
     assert signal.body == reference(signal._replace(body=None), "app")
     assert encode_signal(signal, "app") is signal.body  # encoded once, then reused
+    # The same payload checked and encoded once (as the web integrations send theirs).
+    checked = client._build("App.event", "user", None, CheckedPayload(payload), float_value, None)
+    assert checked is not None
+    assert checked.body == reference(checked._replace(body=None), "app")
+
+
+def test_checked_payloads_are_checked_once_and_encode_like_plain_ones() -> None:
+    """A CheckedPayload refuses what a call would, and empty or not encodes as a dict does."""
+    with pytest.raises(InvalidSignalError, match="reserved"):
+        CheckedPayload({"appID": "x"})
+    client = TelemetryClient("app", base_url="http://127.0.0.1:9", default_payload={"D.k": 1})
+    for items in ({}, {"a": "b", "n": 1.5e-07}):
+        checked = CheckedPayload(items)
+        assert dict(checked) == items
+        assert len(checked) == len(items)
+        signal = client._build("App.event", "user", None, checked, 2.5, None)
+        assert signal is not None
+        assert signal.body == reference(signal._replace(body=None), "app")
