@@ -45,6 +45,7 @@ from ._presets import NEW_INSTALL_DETECTED, SESSION_STARTED, Presets
 from ._retry import RetryPolicy
 from ._signal import (
     SDK_KEY_PREFIX,
+    CheckedPayload,
     PayloadValue,
     SharedPayload,
     Signal,
@@ -69,6 +70,9 @@ from .exceptions import (
 )
 
 __all__ = ["TelemetryClient"]
+
+# A module global is found faster than math's attribute (once per signal with a floatValue).
+_isfinite: Final = math.isfinite
 
 # Signal types found valid (the checks in _build pass): each is checked once per process.
 # Bounded; a set's add and lookup are atomic, so signal_threadsafe() callers may share it.
@@ -642,7 +646,9 @@ class TelemetryClient(Presets):
         # Whether the own payload holds a float, for the encoder; None where the payload was
         # rebuilt (merge, preset keys) and the encoder looks for itself.
         floats: bool | None = False
-        if payload:
+        if type(payload) is CheckedPayload and not self._payload_prefix and not self._overridable:
+            own, floats = payload, payload.floats  # checked (and encoded) when it was made
+        elif payload:
             own, floats = normalize_flagged(payload)
             if self._payload_prefix:
                 prefix = self._payload_prefix
@@ -659,8 +665,10 @@ class TelemetryClient(Presets):
         if params:
             own = {**own, **params}
             floats = None
-        if float_value is not None:
-            float_value = validate_float_value(float_value)
+        if float_value is not None and (
+            type(float_value) is not float or not _isfinite(float_value)
+        ):
+            float_value = validate_float_value(float_value)  # converts, or raises the reason
         if test_mode is None:
             test_mode = self._config.test_mode
         elif type(test_mode) is not bool:

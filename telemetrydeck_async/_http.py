@@ -25,7 +25,7 @@ from typing import Final, TypeVar
 import attrs
 
 from ._client import TelemetryClient
-from ._signal import validate_type
+from ._signal import CheckedPayload, validate_type
 from ._stats import RateLimitedLog
 from ._sync import SyncTelemetryClient
 
@@ -96,9 +96,9 @@ class RequestSignals:
     filter: RequestFilter | None = None
     _warnings: RateLimitedLog = attrs.field(factory=RateLimitedLog, init=False)
     #: (route, method, status) -> the payload. A service answers few distinct combinations,
-    #: so each payload dict is built once; it is never changed afterwards, and the client
-    #: copies what it keeps (sharing it between signals is safe).
-    _payloads: dict[tuple[str, str, int], dict[str, str]] = attrs.field(factory=dict, init=False)
+    #: so each payload is built, checked and encoded once (a read-only ``CheckedPayload``,
+    #: which signals share): a request's signal then skips both.
+    _payloads: dict[tuple[str, str, int], CheckedPayload] = attrs.field(factory=dict, init=False)
 
     @signal_type.validator
     def _check_type(self, _attr: object, value: str) -> None:
@@ -142,23 +142,25 @@ class RequestSignals:
             return
         # On the loop thread the async client queues directly; the sync one hands over.
         emit = client.signal if isinstance(client, SyncTelemetryClient) else client.signal_nowait
-        payload = self._payloads.get((route, method, status))
-        if payload is None:
-            payload = self._payload(route, method, status)
         try:
+            payload = self._payloads.get((route, method, status))
+            if payload is None:
+                payload = self._payload(route, method, status)
             emit(self.signal_type, client_user=user, payload=payload, float_value=duration_ms)
         except Exception as exc:
             self.warn("signal", "could not queue the request signal", exc)
 
-    def _payload(self, route: str, method: str, status: int) -> dict[str, str]:
-        """The payload of a combination not seen yet (remembered, in bounded memory)."""
+    def _payload(self, route: str, method: str, status: int) -> CheckedPayload:
+        """The payload of a combination not seen yet (remembered, in bounded memory).
+
+        Raises ``InvalidSignalError`` for a value no signal may carry (a route template
+        holding a lone surrogate): the caller logs it, as it would the signal's own error.
+        """
         if len(self._payloads) >= 4096:  # routes made on the fly: keep memory flat
             self._payloads.clear()
-        payload = self._payloads[(route, method, status)] = {
-            ROUTE_KEY: route,
-            METHOD_KEY: method,
-            STATUS_CLASS_KEY: status_class(status),
-        }
+        payload = self._payloads[(route, method, status)] = CheckedPayload(
+            {ROUTE_KEY: route, METHOD_KEY: method, STATUS_CLASS_KEY: status_class(status)}
+        )
         return payload
 
     def user_of(self, hook: Callable[[_T], str | None] | None, request: _T) -> str | None:

@@ -14,9 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import telemetrydeck_async._signal as signal_module
-from telemetrydeck_async import TelemetryClient
+from telemetrydeck_async import InvalidSignalError, TelemetryClient
 from telemetrydeck_async._batcher import Batch, Batcher
-from telemetrydeck_async._signal import SharedPayload, Signal, encode_signal, format_received_at
+from telemetrydeck_async._signal import (
+    CheckedPayload,
+    SharedPayload,
+    Signal,
+    encode_signal,
+    format_received_at,
+)
 
 
 def reference(signal: Signal, app_id: str) -> bytes:
@@ -127,6 +133,51 @@ def test_orjson_path_leaves_float_payloads_to_the_stdlib() -> None:
     # Shared keys are encoded once by the stdlib: a float among them is written as it wrote it.
     shared = Signal("T", "u", "s", False, {"a": 1}, 1e16, 1.0, SharedPayload.of({"b": 1e16}))
     assert encode_signal(shared, "app") == reference(shared, "app")
+
+
+# floatValues around and inside the range orjson writes (plain decimals, 1e-4 to 1e16), both signs.
+_EDGES = [
+    sign * x
+    for edge in (1e-4, 1e16)
+    for x in (edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf))
+    for sign in (1.0, -1.0)
+]
+_near_range = st.one_of(
+    st.floats(min_value=1e-6, max_value=1e18),
+    st.floats(min_value=-1e18, max_value=-1e-6),
+    st.sampled_from(_EDGES),
+)
+
+
+@settings(max_examples=500, database=None)
+@given(float_value=_near_range, received_at=st.floats(min_value=0, max_value=4e9))
+def test_float_values_are_written_as_the_stdlib_writes_them(
+    float_value: float, received_at: float
+) -> None:
+    """A floatValue orjson writes (the ``fast`` extra) has the stdlib's digits and format."""
+    signal = Signal("T", "u", "s", False, {"k": "v"}, float_value, received_at)
+    expected = reference(signal, "app")
+    assert encode_signal(signal, "app") == expected
+    saved = signal_module._orjson_dumps
+    signal_module._orjson_dumps = None  # type: ignore[assignment]  # as if orjson were missing
+    try:
+        assert encode_signal(signal, "app") == expected
+    finally:
+        signal_module._orjson_dumps = saved
+
+
+def test_float_value_edges_take_the_path_that_writes_them_alike() -> None:
+    """Where orjson's float format differs from the stdlib's, the stdlib writes floatValue."""
+    if signal_module._orjson_dumps is None:
+        pytest.skip("orjson is not installed (the 'fast' extra)")
+    assert signal_module._ORJSON_FLOATS  # the installed release agrees on the range's samples
+    # What is avoided: below 1e-4 the two formats differ.
+    assert signal_module._orjson_dumps(1e-05) != float.__repr__(1e-05).encode()
+    for value in (1e-05, 9.9e-05, 1e-07, -1e-05, 1e16, 1.5e300, 0.0, -0.0, 2e-308):
+        signal = Signal("T", "u", "s", False, {}, value, 1.0)
+        body = encode_signal(signal, "app")
+        assert body == reference(signal, "app")
+        assert body.endswith(b',"floatValue":' + float.__repr__(value).encode() + b"}")
 
 
 def test_encoded_heads_cache_stays_bounded() -> None:
@@ -297,3 +348,21 @@ def test_client_built_signals_carry_their_reference_bytes(
     assert signal is not None
     assert signal.body == reference(signal._replace(body=None), "app")
     assert encode_signal(signal, "app") is signal.body  # encoded once, then reused
+    # The same payload checked and encoded once (as the web integrations send theirs).
+    checked = client._build("App.event", "user", None, CheckedPayload(payload), float_value, None)
+    assert checked is not None
+    assert checked.body == reference(checked._replace(body=None), "app")
+
+
+def test_checked_payloads_are_checked_once_and_encode_like_plain_ones() -> None:
+    """A CheckedPayload refuses what a call would, and empty or not encodes as a dict does."""
+    with pytest.raises(InvalidSignalError, match="reserved"):
+        CheckedPayload({"appID": "x"})
+    client = TelemetryClient("app", base_url="http://127.0.0.1:9", default_payload={"D.k": 1})
+    for items in ({}, {"a": "b", "n": 1.5e-07}):
+        checked = CheckedPayload(items)
+        assert dict(checked) == items
+        assert len(checked) == len(items)
+        signal = client._build("App.event", "user", None, checked, 2.5, None)
+        assert signal is not None
+        assert signal.body == reference(signal._replace(body=None), "app")
