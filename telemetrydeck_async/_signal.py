@@ -548,12 +548,7 @@ def encode_fields(app_id: str, fields: SignalFields, floats: bool | None = None)
             head = _HEADS.get(key) or _new_head(key)
             if type(own) is CheckedPayload:  # checked and encoded when it was made
                 members = own.members
-                if members:
-                    opening = _PAYLOAD_OPENING if shared is None else shared.opening
-                else:
-                    opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
             elif own:
-                opening = _PAYLOAD_OPENING if shared is None else shared.opening
                 fast: bytes | None = None
                 dumps = _orjson_dumps
                 if dumps is not None and not (
@@ -566,6 +561,9 @@ def encode_fields(app_id: str, fields: SignalFields, floats: bool | None = None)
                 members = _encode_object(own)[1:].encode() if fast is None else fast
             else:
                 members = b""
+            if members:
+                opening = _PAYLOAD_OPENING if shared is None else shared.opening
+            else:  # no own keys: the payload closes right after the shared ones
                 opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
             if float_value is None:
                 tail = b"}"
