@@ -54,9 +54,10 @@ a hundred signals of one app repeat most of their bytes, so a chunk shrinks to a
 for about a microsecond per signal), which makes each commit one page instead of a chain of
 overflow pages. ``size``, ``max_bytes`` and the totals count bytes as stored; the byte budget
 of a claim counts them as sent. Claims decompress in the spool's thread and hand out the
-signals as they go on the wire; a row that does not decompress to what its ``sizes`` says is
-deleted, logged and counted (``ClaimResult.damaged``). Schema 3 files are migrated in place
-(one ``ALTER TABLE``): their rows are stored as they are.
+signals as they go on the wire; a row that does not decompress to what its ``sizes`` says, or
+whose ``body`` or ``sizes`` is not a blob (TEXT from another writer, which SQLite would hand
+out as a string or fail to decode), is deleted, logged and counted (``ClaimResult.damaged``).
+Schema 3 files are migrated in place (one ``ALTER TABLE``): their rows are stored as they are.
 
 Destinations: several apps may (by mistake or on purpose) share one directory. A spool opened
 with a :class:`Destination` (the endpoint URL, namespace included, and the app ID) tags every
@@ -1482,19 +1483,25 @@ class _Store:
         damaged: list[int] = []
         lost = 0
         # ``limit`` counts signals; a record holds at least one, so this many rows is enough.
+        # ``body`` and ``sizes`` are read only as the blobs this spool writes: a row that holds
+        # TEXT there (written by something else) would make the cursor decode it as UTF-8 and
+        # raise, on every claim, for as long as the row is there. Read as NULL and empty, such
+        # a row does not decode and is deleted and counted like any other damaged one.
         cursor = conn.execute(
-            "SELECT id, size, adopted, body, count, sizes, codec, crc FROM records"
+            "SELECT id, size, adopted,"
+            " CASE WHEN typeof(body) = 'blob' THEN body END, count,"
+            " CASE WHEN sizes IS NULL OR typeof(sizes) = 'blob' THEN sizes ELSE x'' END,"
+            " codec, crc FROM records"
             " WHERE owner IS NULL" + mine + " ORDER BY received_at, id LIMIT ?",
             (*args, limit * batches),
         )
         try:
             for record_id, size, was_adopted, stored, count, sizes, codec, crc in cursor:
-                body = stored
-                if codec != CODEC_NONE:
+                body = None if stored is None else decode_body(stored, sizes, codec)
+                if body is not None and codec != CODEC_NONE and crc != checksum(stored, sizes):
                     # Deflate does not notice every damaged byte; the CRC of the few stored
                     # bytes does, for about a microsecond.
-                    plain = decode_body(stored, sizes, codec)
-                    body = plain if crc == checksum(stored, sizes) else None
+                    body = None
                 if body is None:  # never sendable: deleted below, counted, logged
                     damaged.append(record_id)
                     lost += count
