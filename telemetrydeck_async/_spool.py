@@ -166,6 +166,11 @@ import attrs
 from ._stats import RateLimitedLog
 from .exceptions import ConfigurationError, SpoolError
 
+try:  # the `fast` extra: ISA-L's deflate for the spilled chunks (see ``compress_chunk``)
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # the standard library's zlib then
+    _isal_zlib = None  # type: ignore[assignment]  # reason: optional module, checked before use
+
 try:  # POSIX only; elsewhere the open-time lock is skipped (SQLite's own locking still applies)
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -339,7 +344,8 @@ def compress_chunk(plain: bytes) -> bytes | None:
     """``plain`` (a chunk's joined signals) compressed for storage, or None when that would
     not make it smaller.
 
-    Raw deflate (the standard library's zlib, level 1, no zlib header): a chunk of a hundred
+    Raw deflate (level 1, no zlib header; ISA-L's when the `fast` extra is installed, else the
+    standard library's zlib, both read back by the latter): a chunk of a hundred
     signals of one app repeats its keys, app ID, session and SDK keys in every signal, so even
     the fastest level keeps a few percent of it (58 KB -> 1.2 KB in the benchmark) for about
     a third of a microsecond per signal. Fewer bytes make the commit cheaper (one page instead
@@ -348,9 +354,24 @@ def compress_chunk(plain: bytes) -> bytes | None:
     would cost as much again: the row's CRC covers the stored bytes, and decompression checks
     the length (:func:`decode_body`).
     """
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15, _DEFLATE_MEMORY)
-    packed = deflate.compress(plain) + deflate.flush()
+    packed = _deflate(plain)
     return packed if len(packed) < len(plain) else None
+
+
+def _deflate_stdlib(plain: bytes) -> bytes:
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15, _DEFLATE_MEMORY)
+    return deflate.compress(plain) + deflate.flush()
+
+
+def _deflate_isal(plain: bytes) -> bytes:
+    return _isal_zlib.compress(plain, 1, -15)
+
+
+#: ISA-L's level 1 when the `fast` extra (isal) is installed: the same format (raw deflate, read
+#: by the standard library's zlib like any other), as small for telemetry (1,287 bytes for a
+#: 58 KB chunk), for a third of the instructions (callgrind: 154,000 instead of 408,000 per
+#: chunk of a hundred signals; 2,500 fewer per spilled signal through the client).
+_deflate: Callable[[bytes], bytes] = _deflate_stdlib if _isal_zlib is None else _deflate_isal
 
 
 def decode_body(body: bytes, sizes: bytes | None, codec: int) -> bytes | None:
@@ -425,16 +446,21 @@ class SpoolRecord:
 
     @classmethod
     def chunk(
-        cls, received_at: float, bodies: Sequence[bytes], *, compress: bool = False
+        cls,
+        received_at: float,
+        bodies: Sequence[bytes],
+        *,
+        compress: bool = False,
+        joined: bytes | None = None,
     ) -> SpoolRecord:
         """One row holding ``bodies`` (one or more encoded signals), checksum included.
 
         ``compress``: store a chunk of several compressed (:func:`compress_chunk`) when that
-        makes it smaller.
+        makes it smaller. ``joined``: ``bodies`` joined by commas, when the caller has it.
         """
         if len(bodies) == 1:
             return cls(received_at, bodies[0], None, checksum(bodies[0]))
-        body = b",".join(bodies)
+        body = b",".join(bodies) if joined is None else joined
         sizes = _pack_sizes(bodies)
         if compress and (packed := compress_chunk(body)) is not None:
             return cls(received_at, packed, sizes, checksum(packed, sizes), CODEC_DEFLATE)

@@ -537,12 +537,16 @@ class SpoolLink:
         over the whole list, not a line of Python per signal."""
         received_at = list(map(_RECEIVED_AT, signals))
         bodies = list(map(_BODY, signals))
-        if None in bodies:  # a signal built otherwise: encoded here
+        # A body is never empty (a JSON object): a falsy one is a missing one. Asked this way,
+        # not with ``None in bodies``, which compares every body with None.
+        if not all(bodies):  # a signal built otherwise: encoded here
             app_id = self.config.app_id
             bodies = [encode_signal(signal, app_id) for signal in signals]
         budget = batch_budget(self.config.max_batch_bytes, self.config.batch_size)
-        if sum(map(len, bodies)) + len(bodies) - 1 <= budget:  # the usual case: one batch
-            return [(SpoolRecord.chunk(min(received_at), bodies, compress=True), received_at)]
+        # The usual case: one batch. Joined once, for the check and for the record.
+        if len(joined := b",".join(bodies)) <= budget:
+            record = SpoolRecord.chunk(min(received_at), bodies, compress=True, joined=joined)
+            return [(record, received_at)]
         records = []
         start = size = 0
         for end, one in enumerate(bodies):

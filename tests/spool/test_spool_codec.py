@@ -7,10 +7,13 @@ the emulator.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import shutil
 import sqlite3
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,9 @@ from telemetrydeck_async._spool import (
     Destination,
     Spool,
     SpoolRecord,
+    _deflate_isal,
+    _deflate_stdlib,
+    _pack_sizes,
     _salvage,
     checksum,
     decode_body,
@@ -122,6 +128,47 @@ def test_a_chunk_compressed_or_not_gives_back_its_bodies(parts: list[bytes], tim
         assert record.body == plain
     assert split_chunk(record.body, record.sizes) == bodies
     assert decode_body(record.body, record.sizes, record.codec) == plain
+
+
+#: Both ways a chunk is compressed: the standard library's zlib, and ISA-L (the `fast` extra).
+DEFLATERS = [
+    pytest.param(_deflate_stdlib, id="stdlib"),
+    pytest.param(
+        _deflate_isal,
+        id="isal",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("isal") is None, reason="isal (the fast extra) not installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("deflate", DEFLATERS)
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=200), min_size=2, max_size=40),
+    st.integers(min_value=1, max_value=20),
+)
+def test_either_deflater_writes_what_the_standard_library_reads(
+    deflate: Callable[[bytes], bytes], parts: list[bytes], times: int
+) -> None:
+    """A chunk compressed by either is raw deflate that the stdlib's zlib (this version's
+    reader and every older one's) inflates back to the joined bodies."""
+    bodies = (parts * times)[: max(2, len(parts))]
+    plain = b",".join(bodies)
+    packed = deflate(plain)
+    assert zlib.decompress(packed, -15) == plain
+    assert decode_body(packed, _pack_sizes(bodies), CODEC_DEFLATE) == plain
+
+
+@pytest.mark.parametrize("deflate", DEFLATERS)
+def test_either_deflater_shrinks_a_chunk_of_telemetry_to_a_few_percent(
+    deflate: Callable[[bytes], bytes],
+) -> None:
+    """A hundred signals of one app: one page on disk whichever compresses them."""
+    plain = b",".join(text_row_body(i) for i in range(100))
+    assert len(deflate(plain)) < len(plain) // 10
+    assert len(deflate(plain)) < 4096
 
 
 def test_a_damaged_compressed_body_never_decodes_to_other_bytes() -> None:
