@@ -338,6 +338,19 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out["spill_close"] = burst["close"]
     out["spill_spooled"] = burst["spooled"]
     out["spill_dropped"] = burst["dropped"]
+    # With the `fast` extra the chunks are compressed by isal: the same burst with the
+    # standard library's zlib, which users without the extra get.
+    spool_module = importlib.import_module("telemetrydeck_async._spool")
+    fast = getattr(spool_module, "_deflate", None)
+    stdlib = getattr(spool_module, "_deflate_stdlib", None)
+    if fast is not None and stdlib is not None and fast is not stdlib:
+        spool_module._deflate = stdlib  # type: ignore[attr-defined]  # reason: checked above
+        try:
+            plain = await _spill_run(n, str(root / "client-spill-stdlib"), down, common, 0)
+        finally:
+            spool_module._deflate = fast  # type: ignore[attr-defined]  # reason: as above
+        out["spill_stdlib"] = plain["rate"]
+        out["spill_stdlib_dropped"] = plain["dropped"]
     # The idle loop's own oversleep, same run: what the stall figures are measured against.
     idle = LoopProbe()
     with GcWatch() as idle_gc:
@@ -445,6 +458,13 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         f"{client['spill_turning']:,.0f}/s, dropped {client['spill_turning_dropped'] or 0}",
     )
     spill.met = client["spill"] >= 100_000 and not client["spill_dropped"]
+    if "spill_stdlib" in client:
+        ratio = client["spill_stdlib"] / client["spill_ceiling"]
+        spill.note += (
+            f"; chunks compressed by isal (the `fast` extra); with the standard library's zlib: "
+            f"{client['spill_stdlib']:,.0f}/s ({ratio:.2f}x of the ceiling), dropped "
+            f"{client['spill_stdlib_dropped'] or 0}"
+        )
     ceiling = Row(
         "spool.client.spill_ceiling",
         "client `signal_nowait()` alone, queue not full (the spill's ceiling, same run)",
