@@ -6,7 +6,10 @@ Through the client (``spool_dir`` set, the counting sink as the endpoint):
   produces N signals from a loop that never yields; what overflows the queue is written by the
   spool's thread while the burst runs, the rest at ``aclose()``. Rate: signals spooled per
   second, first call until all that overflowed is on disk; dropped counted. Then the same with
-  the loop turning every ``STALL_YIELD`` signals, while the loop-stall probe runs;
+  the loop turning every ``STALL_YIELD`` signals, while the loop-stall probe runs and each
+  turn's busy time is measured (:class:`LoopSlices`: the SDK's share, without the VM's timer
+  wake-up latency that the probe includes), beside the same calls turning as often with room
+  in the queue;
 * recovery: a new client on the same directory with a healthy endpoint sends what was spooled,
   oldest first. Rate: signals recovered and delivered per second, from construction on;
   compared with the live rate: the same client sending N fresh signals to the same sink
@@ -43,11 +46,13 @@ from ._common import (
     USERS,
     GcWatch,
     LoopProbe,
+    LoopSlices,
     Row,
     Sink,
     closed_loopback_port,
     payload,
     percentile,
+    turn_rows,
     wire_dict,
 )
 
@@ -232,8 +237,10 @@ async def _spill_run(
     # (a burst that starts before it is open waits in memory for it).
     await asyncio.sleep(0.5)
     probe = LoopProbe()
+    turns = LoopSlices()
     with GcWatch() as gcw:
         probe.start()
+        turns.start()
         t0 = time.perf_counter()
         for i in range(n):
             td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
@@ -254,6 +261,7 @@ async def _spill_run(
         stats = td.stats
         out["overflowed"] = stats.spooled + stats.dropped_total
         out["rate"] = stats.spooled / elapsed
+        turns.stop()
         await probe.stop()
         t0 = time.perf_counter()
         await td.aclose(timeout=2.0)
@@ -272,22 +280,36 @@ async def _spill_run(
     out["stall_max"] = max(clean, default=0.0)
     out["stall_own_p99"] = percentile(own, 99)
     out["stall_samples"] = (len(clean), len(_dirty))
+    out["turns"] = turns
     return out
 
 
-async def _caller_alone(n: int, down: int, common: dict[str, Any]) -> float:
+async def _caller_alone(
+    n: int, down: int, common: dict[str, Any], turns: LoopSlices | None = None
+) -> float:
     """The spill's ceiling: ``signal_nowait()`` per second from the same loop, same client
-    options and endpoint (down), with a queue that holds all ``n``: no overflow, no spool."""
+    options and endpoint (down), with a queue that holds all ``n``: no overflow, no spool.
+
+    ``turns``: measure the loop's busy turns meanwhile, the loop turning every
+    ``STALL_YIELD`` signals as in the stall run (the calls' own share of each turn).
+    """
     from telemetrydeck_async import TelemetryClient
 
     td = TelemetryClient(
         APP_ID, base_url=f"http://127.0.0.1:{down}", max_queue_size=n + 1, **common
     )
     await td.start()
+    yield_every = 0 if turns is None else STALL_YIELD
+    if turns is not None:
+        turns.start()
     t0 = time.perf_counter()
     for i in range(n):
         td.signal_nowait(SIGNAL_TYPE, client_user=USERS[i & 3], payload=payload(i))
+        if yield_every and i % yield_every == 0:
+            await asyncio.sleep(0)
     rate = n / (time.perf_counter() - t0)
+    if turns is not None:
+        turns.stop()
     await td.aclose(timeout=0.0)  # nowhere to send them: dropped (shutdown), not measured
     return rate
 
@@ -316,6 +338,19 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out["spill_close"] = burst["close"]
     out["spill_spooled"] = burst["spooled"]
     out["spill_dropped"] = burst["dropped"]
+    # With the `fast` extra the chunks are compressed by isal: the same burst with the
+    # standard library's zlib, which users without the extra get.
+    spool_module = importlib.import_module("telemetrydeck_async._spool")
+    fast = getattr(spool_module, "_deflate", None)
+    stdlib = getattr(spool_module, "_deflate_stdlib", None)
+    if fast is not None and stdlib is not None and fast is not stdlib:
+        spool_module._deflate = stdlib  # type: ignore[attr-defined]  # reason: checked above
+        try:
+            plain = await _spill_run(n, str(root / "client-spill-stdlib"), down, common, 0)
+        finally:
+            spool_module._deflate = fast  # type: ignore[attr-defined]  # reason: as above
+        out["spill_stdlib"] = plain["rate"]
+        out["spill_stdlib_dropped"] = plain["dropped"]
     # The idle loop's own oversleep, same run: what the stall figures are measured against.
     idle = LoopProbe()
     with GcWatch() as idle_gc:
@@ -332,6 +367,11 @@ async def _client_runs(n: int, sink: Sink, root: Path) -> dict[str, Any]:
     out["spill_turning_dropped"] = turning["dropped"]
     for key in ("stall_series", "stall_p99", "stall_max", "stall_own_p99", "stall_samples"):
         out[key] = turning[key]
+    out["turns"] = turning["turns"]
+    # The same calls turning the loop as often, with room in the queue: each turn's share
+    # that is the calls' own (and the probe's), not the spill's.
+    out["turns_base"] = LoopSlices()
+    await _caller_alone(n, down, common, out["turns_base"])
 
     # live: the rate recovery is judged against, same batch size, same sink.
     async with (
@@ -418,6 +458,13 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         f"{client['spill_turning']:,.0f}/s, dropped {client['spill_turning_dropped'] or 0}",
     )
     spill.met = client["spill"] >= 100_000 and not client["spill_dropped"]
+    if "spill_stdlib" in client:
+        ratio = client["spill_stdlib"] / client["spill_ceiling"]
+        spill.note += (
+            f"; chunks compressed by isal (the `fast` extra); with the standard library's zlib: "
+            f"{client['spill_stdlib']:,.0f}/s ({ratio:.2f}x of the ceiling), dropped "
+            f"{client['spill_stdlib_dropped'] or 0}"
+        )
     ceiling = Row(
         "spool.client.spill_ceiling",
         "client `signal_nowait()` alone, queue not full (the spill's ceiling, same run)",
@@ -467,6 +514,19 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
         extra={"series": client["stall_series"]},
     )
     stall.met = client["stall_p99"] <= 1.0 and client["stall_max"] <= 5.0
+    # The loop's busy time per turn in the same run: what the SDK's work on the loop makes a
+    # ready task wait, without the VM's timer wake-up latency the probe adds to it. Baseline:
+    # the same calls turning the loop as often, with room in the queue (no spill).
+    turns = turn_rows(
+        "spool.client.stall",
+        f"while the client spills (loop turns every {STALL_YIELD})",
+        client["turns"],
+        client["turns_base"],
+    )
+    turns[0].note += (
+        f"; baseline: the same calls with room in the queue (no spill), turning as often: "
+        f"what the {STALL_YIELD} calls of each turn cost without spilling"
+    )
     note = f"n={n}, ~{size} B per record; the spool's own capacity, without the client"
     direct = [
         Row(
@@ -500,4 +560,4 @@ async def spool_figures(n: int, sink: Sink) -> list[Row]:
             note=f"max {got['stall_max']:.2f} ms; own CPU only: p99 {got['stall_own_p99']:.2f} ms",
         ),
     ]
-    return [spill, ceiling, always, recovery, stall, *direct]
+    return [spill, ceiling, always, recovery, stall, *turns, *direct]

@@ -410,24 +410,33 @@ class SpoolLink:
         writes them while the caller keeps running (the signals stay pending until the result
         comes back to the loop).
         """
+        gather = self._gather
+        # Within a burst a chunk is being gathered: the signal joins it, nothing else to ask.
+        if (not gather or spool_id is not None) and self._taken_otherwise(signal, spool_id):
+            return
+        gather.append(signal)
+        if len(gather) >= self.config.batch_size:
+            self._seal()
+
+    def _taken_otherwise(self, signal: Signal, spool_id: int | None) -> bool:
+        """:meth:`overflow`'s rarer cases: True when the signal was written ahead (handed
+        back to the spool) or dropped (no spool_dir); else a chunk is about to begin (its seal
+        is scheduled) and the signal goes into it."""
         if spool_id is not None and self.spool is not None:
             # Written ahead: it is on disk already; hand it to the spool for later.
             self.accounting.record_spooled(1)
             self.later(self.spool.release([spool_id]))
-            return
+            return True
         if self.config.spool_dir is None:
             body = encode_signal(signal, self.config.app_id)
             self.drop(Batch([body], [signal.received_at], -1), "queue_full")
-            return
-        gather = self._gather
-        if not gather and not self._seal_scheduled and (loop := _running_loop()) is not None:
+            return True
+        if not self._gather and not self._seal_scheduled and (loop := _running_loop()) is not None:
             # What a burst leaves gathered goes to disk shortly after; not at the next turn
             # of the loop: a service that turns it between requests would write tiny chunks.
             self._seal_scheduled = True
             loop.call_later(_SEAL_AFTER, self._seal_on_turn)
-        gather.append(signal)
-        if len(gather) >= self.config.batch_size:
-            self._seal()
+        return False
 
     def _book_written(self) -> bool:
         """Book the oldest chunks the spool's thread has finished, in this call: a caller that
@@ -528,12 +537,16 @@ class SpoolLink:
         over the whole list, not a line of Python per signal."""
         received_at = list(map(_RECEIVED_AT, signals))
         bodies = list(map(_BODY, signals))
-        if None in bodies:  # a signal built otherwise: encoded here
+        # A body is never empty (a JSON object): a falsy one is a missing one. Asked this way,
+        # not with ``None in bodies``, which compares every body with None.
+        if not all(bodies):  # a signal built otherwise: encoded here
             app_id = self.config.app_id
             bodies = [encode_signal(signal, app_id) for signal in signals]
         budget = batch_budget(self.config.max_batch_bytes, self.config.batch_size)
-        if sum(map(len, bodies)) + len(bodies) - 1 <= budget:  # the usual case: one batch
-            return [(SpoolRecord.chunk(min(received_at), bodies, compress=True), received_at)]
+        # The usual case: one batch. Joined once, for the check and for the record.
+        if len(joined := b",".join(bodies)) <= budget:
+            record = SpoolRecord.chunk(min(received_at), bodies, compress=True, joined=joined)
+            return [(record, received_at)]
         records = []
         start = size = 0
         for end, one in enumerate(bodies):

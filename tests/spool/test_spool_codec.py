@@ -7,10 +7,13 @@ the emulator.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import shutil
 import sqlite3
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,9 @@ from telemetrydeck_async._spool import (
     Destination,
     Spool,
     SpoolRecord,
+    _deflate_isal,
+    _deflate_stdlib,
+    _pack_sizes,
     _salvage,
     checksum,
     decode_body,
@@ -122,6 +128,47 @@ def test_a_chunk_compressed_or_not_gives_back_its_bodies(parts: list[bytes], tim
         assert record.body == plain
     assert split_chunk(record.body, record.sizes) == bodies
     assert decode_body(record.body, record.sizes, record.codec) == plain
+
+
+#: Both ways a chunk is compressed: the standard library's zlib, and ISA-L (the `fast` extra).
+DEFLATERS = [
+    pytest.param(_deflate_stdlib, id="stdlib"),
+    pytest.param(
+        _deflate_isal,
+        id="isal",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("isal") is None, reason="isal (the fast extra) not installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("deflate", DEFLATERS)
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=200), min_size=2, max_size=40),
+    st.integers(min_value=1, max_value=20),
+)
+def test_either_deflater_writes_what_the_standard_library_reads(
+    deflate: Callable[[bytes], bytes], parts: list[bytes], times: int
+) -> None:
+    """A chunk compressed by either is raw deflate that the stdlib's zlib (this version's
+    reader and every older one's) inflates back to the joined bodies."""
+    bodies = (parts * times)[: max(2, len(parts))]
+    plain = b",".join(bodies)
+    packed = deflate(plain)
+    assert zlib.decompress(packed, -15) == plain
+    assert decode_body(packed, _pack_sizes(bodies), CODEC_DEFLATE) == plain
+
+
+@pytest.mark.parametrize("deflate", DEFLATERS)
+def test_either_deflater_shrinks_a_chunk_of_telemetry_to_a_few_percent(
+    deflate: Callable[[bytes], bytes],
+) -> None:
+    """A hundred signals of one app: one page on disk whichever compresses them."""
+    plain = b",".join(text_row_body(i) for i in range(100))
+    assert len(deflate(plain)) < len(plain) // 10
+    assert len(deflate(plain)) < 4096
 
 
 def test_a_damaged_compressed_body_never_decodes_to_other_bytes() -> None:
@@ -256,3 +303,92 @@ async def test_spilled_chunks_are_stored_compressed_and_a_damaged_one_is_counted
     assert second.stats.recovered == 1000 - count
     assert len(emulator.distinct_ids()) == 1000 - count
     assert balanced(second.stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows written by something else: TEXT where the spool writes blobs
+
+
+def text_row_body(i: int) -> bytes:
+    """Signal ``i`` as a client would have spooled it (the emulator accepts it)."""
+    signal = {
+        "appID": "spool-app",
+        "clientUser": "0" * 64,
+        "type": "Rows.text",
+        "payload": {"Test.id": i},
+    }
+    return json.dumps(signal, separators=(",", ":")).encode()
+
+
+def as_text(db_path: Path, record_id: int, column: str, hex_bytes: str) -> None:
+    """Overwrite ``column`` of one row with TEXT that is not UTF-8, as only a foreign writer
+    (a hand edit, another tool) could store it."""
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute(
+            f"UPDATE records SET {column} = CAST(x'{hex_bytes}' AS TEXT) WHERE id = ?",
+            (record_id,),
+        )
+        (kind,) = db.execute(f"SELECT typeof({column}) FROM records WHERE id = ?", (record_id,))
+        assert kind == ("text",)
+
+
+async def test_rows_holding_text_that_is_not_utf8_are_deleted_counted_and_claims_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-signal row and a chunk whose body is non-UTF-8 TEXT, and a chunk whose sizes is,
+    no longer make every claim raise: the claim leaves them out, deletes and counts them
+    (``damaged``), logs once, and hands out the rows around them; the next claim works."""
+    spool = await open_spool(tmp_path)
+    chunks = [[text_row_body(100 * n + i) for i in range(10)] for n in range(4)]
+    try:
+        chunk_ids = write_compressed(spool, chunks)
+        single = await spool.append([SpoolRecord(1_800_000_100.0, text_row_body(999))])
+        (single_id,) = single.ids
+    finally:
+        await spool.close()
+    db_path = tmp_path / DB_NAME
+    as_text(db_path, single_id, "body", "ff")
+    as_text(db_path, chunk_ids[1], "body", "c3289f")
+    as_text(db_path, chunk_ids[2], "sizes", "fffe")
+    spool = await open_spool(tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            claim = await spool.claim(1000)
+            again = await spool.claim(1000)
+        assert claim.damaged == 10 + 10 + 1
+        assert claim.bodies() == chunks[0] + chunks[3]
+        assert again.records == ()
+        assert again.damaged == 0
+        assert warnings_about(caplog, "did not decode") == 1
+        assert warnings_about(caplog, "transaction failed") == 0
+        assert (await spool.status()).records == 20, "the three rows are gone"
+    finally:
+        await spool.close()
+
+
+async def test_a_text_row_is_dropped_as_spool_error_and_the_rest_is_recovered(
+    tmp_path: Path,
+) -> None:
+    """Through the client: recovery is not stuck on a non-UTF-8 TEXT body; that chunk's signals
+    are counted dropped (spool_error), every other spooled signal is delivered; books balance."""
+    async with IngestEmulator() as emulator:
+        url = f"{emulator.base_url}/v2/namespace/com.example/"
+        spool = await open_spool(tmp_path, destination=Destination(url, "spool-app"))
+        chunks = [[text_row_body(100 * n + i) for i in range(50)] for n in range(3)]
+        try:
+            bad_id = write_compressed(spool, chunks)[1]
+        finally:
+            await spool.close()
+        as_text(tmp_path / DB_NAME, bad_id, "body", "ff00ff")
+        client = spool_client(emulator.base_url, tmp_path)
+        await client.start()
+        try:
+            assert await wait_until(lambda: client.stats.recovered >= 100)
+            assert await wait_until(lambda: client.stats.spool_dropped != {})
+        finally:
+            await client.aclose()
+        assert client.stats.spool_dropped == {"spool_error": 50}
+        assert client.stats.recovered == 100
+        expected = {100 * n + i for n in (0, 2) for i in range(50)}
+        assert emulator.distinct_ids() == expected
+        assert balanced(client.stats)
