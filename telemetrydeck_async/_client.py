@@ -268,6 +268,7 @@ class TelemetryClient(Presets):
         self._default_user: str | None = config.default_user
         if not self._enabled:
             self._default_user = _DISABLED_USER
+        self._default_hash: str | None = None
         self._write_ahead = config.spool_dir is not None and config.durability == "always"
         # A disabled client never calls the hook: it sends nothing, so there is nothing to vet.
         self._before_send = config.before_send if self._enabled else None
@@ -641,13 +642,13 @@ class TelemetryClient(Presets):
                 signal_type = self._signal_prefix + signal_type
         elif self._signal_prefix and not signal_type.startswith(SDK_KEY_PREFIX):
             signal_type = self._signal_prefix + signal_type
-        user = client_user if client_user is not None else self._default_user
-        if user is None:
-            user = self._resolve_default_user()
-        # The hasher's cache, read here first: a call per signal costs as much as the lookup.
-        hashed = self._user_hashes.get(user) if type(user) is str else None
-        if hashed is None:
-            hashed = self._hash_user(user)
+        if client_user is not None:
+            # The hasher's cache, read here first: a call per signal costs as much as the lookup.
+            hashed = self._user_hashes.get(client_user) if type(client_user) is str else None
+            if hashed is None:
+                hashed = self._hash_user(client_user)
+        elif (hashed := self._default_hash) is None:  # kept: most calls name no user
+            hashed = self._hash_default_user()
         shared: SharedPayload | None = self._shared
         own: Mapping[str, PayloadValue]
         # The own payload's JSON members, when they are at hand before the encoder runs.
@@ -828,6 +829,14 @@ class TelemetryClient(Presets):
                 loop.call_soon_threadsafe(record)
                 return
         record()
+
+    def _hash_default_user(self) -> str:
+        """The default user's hash, found (or made) once and kept for the calls naming none."""
+        user = self._default_user
+        if user is None:
+            user = self._resolve_default_user()
+        self._default_hash = hashed = self._hash_user(user)
+        return hashed
 
     def _resolve_default_user(self) -> str:
         # Once per client, on the first signal that names no user: a small file read (and on

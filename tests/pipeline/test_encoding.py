@@ -446,3 +446,27 @@ def test_plain_payload_shortcut_is_left_to_the_full_path_without_orjson() -> Non
     assert signal is not None
     assert signal.payload is not payload
     assert signal.body == reference(signal._replace(body=None), "app")
+
+
+def test_batcher_events_fire_at_their_queue_lengths_and_put_total_follows() -> None:
+    """The flusher is woken when the queue stops being empty and when a batch fills; callers
+    are held back once it is full; put_total counts every signal put, taken or not."""
+    batcher = Batcher("app", 3, 1 << 20, 5)
+    signals = _queued(7)
+    batcher.wakeup.clear()
+    woken = []
+    for signal in signals[:5]:
+        assert batcher.space.is_set()
+        assert batcher.put(signal)
+        woken.append(batcher.wakeup.is_set())
+        batcher.wakeup.clear()
+    assert woken == [True, False, True, False, False]
+    assert not batcher.space.is_set()
+    assert not batcher.put(signals[5])  # full: refused, nothing appended
+    assert (batcher.put_total, batcher.taken_total, len(batcher)) == (5, 0, 5)
+    batch = batcher.take()
+    assert batch is not None
+    assert len(batch) == 3
+    assert batcher.space.is_set()
+    assert batcher.put(signals[5])
+    assert (batcher.put_total, batcher.taken_total, len(batcher)) == (6, 3, 3)
