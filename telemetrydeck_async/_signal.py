@@ -637,8 +637,9 @@ def encode_checked(
         tail = b"}"
     elif (
         _ORJSON_FLOATS
+        # The range on both sides, positive first (a duration): no call to abs().
+        and (_FLOAT_LOW <= float_value < _FLOAT_HIGH or -_FLOAT_HIGH < float_value <= -_FLOAT_LOW)
         and _orjson_dumps is not None
-        and _FLOAT_LOW <= abs(float_value) < _FLOAT_HIGH
     ):
         tail = b',"floatValue":' + _orjson_dumps(float_value) + b"}"
     else:
@@ -647,7 +648,7 @@ def encode_checked(
     seconds = int(received_at)
     millis = int((received_at - seconds) * 1000)
     last, _, text = _last_second
-    if seconds == last and 0 <= millis < 1000:
+    if seconds == last:  # a second of 1 or later (see _last_second): millis is 0 to 999
         return b"".join((head, text, _MILLIS_BYTES[millis], opening, members, tail))
     stamp = format_received_at(received_at).encode()
     return b"".join((head, stamp, opening, members, tail))
@@ -661,8 +662,10 @@ def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes:
 # The date and time part of the last second formatted, as text and as bytes: signals come in
 # bursts within a second, and gmtime + strftime cost more than the rest of the formatting. A
 # tuple, so that a reader in another thread never sees the second of one pair with the text of
-# another.
-_last_second: tuple[int, str, bytes] = (0, "1970-01-01T00:00:00", b"1970-01-01T00:00:00")
+# another. Only seconds from 1 on are kept: a time of 1.0 or later has its milliseconds
+# (``int((t - int(t)) * 1000)``, the fraction exact) in 0 to 999, so a hit needs no range check;
+# one before it (0.5, or -0.5, which int() also rounds to second 0) is formatted each time.
+_last_second: tuple[int, str, bytes] = (1, "1970-01-01T00:00:01", b"1970-01-01T00:00:01")
 # ".000Z" to ".999Z": indexing a table is cheaper than formatting the milliseconds each time.
 _MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
 _MILLIS_BYTES: Final = tuple(text.encode() for text in _MILLIS)
@@ -676,7 +679,8 @@ def format_received_at(unix_time: float) -> str:
     cached_second, text, _ = _last_second
     if seconds != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last_second = (seconds, text, text.encode())
+        if seconds >= 1:
+            _last_second = (seconds, text, text.encode())
     if 0 <= millis < 1000:
         return text + _MILLIS[millis]
     return f"{text}.{millis:03d}Z"  # before 1970: as the reference formats it

@@ -470,3 +470,13 @@ def test_batcher_events_fire_at_their_queue_lengths_and_put_total_follows() -> N
     assert batcher.space.is_set()
     assert batcher.put(signals[5])
     assert (batcher.put_total, batcher.taken_total, len(batcher)) == (6, 3, 3)
+
+
+def test_received_at_near_the_epoch_skips_the_cached_second() -> None:
+    """Times before second 1 (where int() rounds -0.5 and 0.5 to the same second) are never
+    served from the cached second: each is written as the uncached format writes it."""
+    for unix_time in (1.5, 0.5, -0.5, 0.25, -1.5, 1.999, 0.999, -0.25, 1.0, 0.0):
+        signal = Signal("T", "u", "s", False, {}, None, unix_time)
+        expected = f'"receivedAt":"{reference_time(unix_time)}"'.encode()
+        assert expected in encode_signal(signal, "app")
+        assert format_received_at(unix_time) == reference_time(unix_time)
