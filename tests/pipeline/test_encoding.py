@@ -404,7 +404,7 @@ def _plain(payload: dict[Any, Any]) -> bool:
     )
 
 
-@settings(max_examples=400, database=None)
+@settings(max_examples=300, database=None)
 @given(payload=st.dictionaries(_odd_keys, _odd_values, max_size=4))
 def test_plain_payload_shortcut_encodes_or_refuses_as_the_full_path(
     payload: dict[Any, Any],
