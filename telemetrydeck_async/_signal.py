@@ -43,13 +43,16 @@ __all__ = [
     "UserHasher",
     "check_utf8",
     "encode_batch",
+    "encode_checked",
     "encode_fields",
+    "encode_members",
     "encode_signal",
     "format_received_at",
     "lone_surrogate",
     "new_signal",
     "normalize_flagged",
     "normalize_payload",
+    "plain_members",
     "validate_type",
 ]
 
@@ -359,10 +362,12 @@ class Signal(NamedTuple):
     ``client_user`` is already the hash; the raw user id never reaches this object.
     ``received_at`` is the Unix time at which ``signal()`` was called: it is formatted only when
     the batch is encoded, and stays the same across queueing, retries and the spool.
-    ``payload`` holds the signal's own keys; ``shared``, when set, the client's keys that come
-    first on the wire (none of them is repeated in ``payload``). ``body`` is the signal's
-    bytes on the wire, for its client's app ID, encoded once as the client built it (and
-    checked against the batch size there); None for a signal made otherwise, which
+    ``payload`` holds the signal's own keys (for a plain dict a call passed, that dict itself,
+    not a copy: see :func:`plain_members`; the body is encoded from it at once, and the
+    pipeline only ever reads a built signal's body); ``shared``, when set, the client's keys
+    that come first on the wire (none of them is repeated in ``payload``). ``body`` is the
+    signal's bytes on the wire, for its client's app ID, encoded once as the client built it
+    (and checked against the batch size there); None for a signal made otherwise, which
     :func:`encode_signal` encodes when asked. A copy with other fields must leave it None.
 
     A named tuple rather than the house's ``attrs.frozen`` class: one is built on every
@@ -529,63 +534,124 @@ def encode_signal(signal: Signal, app_id: str) -> bytes:
 def encode_fields(app_id: str, fields: SignalFields, floats: bool | None = None) -> bytes:
     """:func:`encode_signal` of a signal with these ``fields``, without building it first.
 
-    The fixed fields come from a cache of encoded heads, the time from a cache of the current
-    second, the shared payload keys from their one encoding, and only the signal's own
-    payload goes through a JSON encoder: orjson when the ``fast`` extra is installed and the
-    payload holds no float (orjson writes ``1e-7`` where the stdlib writes ``1e-07``), else
-    the stdlib's; a floatValue goes through orjson too where both write it alike (plain
-    decimals, 1e-4 to 1e16). ``floats``: whether ``own`` holds a float, when the caller knows (the
-    client's checks found out); None to look. Anything unusual (a field that is not of its
-    declared type, a non-finite floatValue, a value orjson refuses) takes the stdlib or the
-    reference path, which also raises the reference errors.
+    The own payload's members come from :func:`encode_members` (``floats``: whether ``own``
+    holds a float, when the caller knows; None to look), the rest from
+    :func:`encode_checked`. Anything unusual (a field that is not of its declared type, a
+    non-finite floatValue, a value orjson refuses) takes the stdlib or the reference path,
+    which also raises the reference errors.
     """
     signal_type, client_user, session_id, test_mode, own, float_value, received_at, shared = fields
     if type(test_mode) is bool and (
         float_value is None or (type(float_value) is float and math.isfinite(float_value))
     ):
         try:
-            key = (app_id, client_user, session_id, signal_type, test_mode)
-            head = _HEADS.get(key) or _new_head(key)
-            if type(own) is CheckedPayload:  # checked and encoded when it was made
-                members = own.members
-            elif own:
-                fast: bytes | None = None
-                dumps = _orjson_dumps
-                if dumps is not None and not (
-                    float in map(type, own.values()) if floats is None else floats
-                ):
-                    try:
-                        fast = dumps(own)[1:]
-                    except TypeError:  # a value orjson refuses: the stdlib encodes or refuses it
-                        fast = None
-                members = _encode_object(own)[1:].encode() if fast is None else fast
-            else:
-                members = b""
-            if members:
-                opening = _PAYLOAD_OPENING if shared is None else shared.opening
-            else:  # no own keys: the payload closes right after the shared ones
-                opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
-            if float_value is None:
-                tail = b"}"
-            elif (
-                _ORJSON_FLOATS
-                and _orjson_dumps is not None
-                and _FLOAT_LOW <= abs(float_value) < _FLOAT_HIGH
-            ):
-                tail = b',"floatValue":' + _orjson_dumps(float_value) + b"}"
-            else:
-                tail = b',"floatValue":' + float.__repr__(float_value).encode() + b"}"
-            # format_received_at, inline: the date and time are formatted once per second.
-            seconds = int(received_at)
-            millis = int((received_at - seconds) * 1000)
-            last, _, text = _last_second
-            if seconds == last and 0 <= millis < 1000:
-                return b"".join((head, text, _MILLIS_BYTES[millis], opening, members, tail))
-            stamp = format_received_at(received_at).encode()
-            return b"".join((head, stamp, opening, members, tail))
+            return encode_checked(
+                app_id,
+                signal_type,
+                client_user,
+                session_id,
+                test_mode,
+                encode_members(own, floats),
+                float_value,
+                received_at,
+                shared,
+            )
         except TypeError:  # a field that is not a str: let the reference path encode or refuse it
             pass
     return _ENCODER.encode(Signal(*fields).to_json(app_id)).encode()
+
+
+def encode_members(own: Mapping[str, PayloadValue], floats: bool | None = None) -> bytes:
+    """The JSON members of a checked own payload, closing brace included (b"" for no keys).
+
+    What follows the payload's opening brace (and the shared members) on the wire: a
+    :class:`CheckedPayload`'s members as they were encoded when it was made; orjson's when
+    the ``fast`` extra is installed and the payload holds no float (orjson writes ``1e-7``
+    where the stdlib writes ``1e-07``; ``floats``: whether it does, when the caller knows,
+    None to look); else the stdlib's.
+    """
+    if type(own) is CheckedPayload:  # checked and encoded when it was made
+        return own.members
+    if not own:
+        return b""
+    dumps = _orjson_dumps
+    if dumps is not None and not (float in map(type, own.values()) if floats is None else floats):
+        try:
+            return dumps(own)[1:]
+        except TypeError:  # a value orjson refuses: the stdlib encodes or refuses it
+            pass
+    return _encode_object(own)[1:].encode()
+
+
+def plain_members(payload: Mapping[str, object]) -> bytes | None:
+    """:func:`encode_members` of a caller's payload that needs no normalising, else None.
+
+    The client's shortcut for the common payload: a dict of keys already found valid, whose
+    values are all str, int or bool, is its own normalised form, so it is encoded as it is
+    (orjson, the ``fast`` extra) instead of copied by :func:`normalize_flagged` first. The
+    checks are set operations that run in C; orjson refuses, as the checks would, an int past
+    64 bits and a lone surrogate (and a key of a str subclass, which equals a valid key): any
+    of these, any other payload, or no orjson gives None, and the caller takes the full path,
+    which normalises the payload or raises the reason.
+    """
+    dumps = _orjson_dumps
+    if (
+        dumps is None
+        or type(payload) is not dict
+        or not _GOOD_KEYS.issuperset(payload)
+        or not _PASS_THROUGH.issuperset(map(type, payload.values()))
+    ):
+        return None
+    try:
+        return dumps(payload)[1:]
+    except TypeError:  # see above: the full path names the value
+        return None
+
+
+def encode_checked(
+    app_id: str,
+    signal_type: str,
+    client_user: str,
+    session_id: str,
+    test_mode: bool,
+    members: bytes,
+    float_value: float | None,
+    received_at: float,
+    shared: SharedPayload | None,
+) -> bytes:
+    """The wire bytes of a signal whose fields are checked; ``members`` from :func:`encode_members`.
+
+    The fixed fields come from a cache of encoded heads, the time from a cache of the current
+    second, the shared payload keys from their one encoding; a floatValue goes through orjson
+    where it writes it as the stdlib does (plain decimals, 1e-4 to 1e16). The client calls
+    this directly: its checks already hold what :func:`encode_fields` checks (the text fields
+    are str, ``test_mode`` a bool, ``float_value`` finite), and it has the members at hand.
+    """
+    key = (app_id, client_user, session_id, signal_type, test_mode)
+    head = _HEADS.get(key) or _new_head(key)
+    if members:
+        opening = _PAYLOAD_OPENING if shared is None else shared.opening
+    else:  # no own keys: the payload closes right after the shared ones
+        opening = _PAYLOAD_OPENING + b"}" if shared is None else shared.alone
+    if float_value is None:
+        tail = b"}"
+    elif (
+        _ORJSON_FLOATS
+        # The range on both sides, positive first (a duration): no call to abs().
+        and (_FLOAT_LOW <= float_value < _FLOAT_HIGH or -_FLOAT_HIGH < float_value <= -_FLOAT_LOW)
+        and _orjson_dumps is not None
+    ):
+        tail = b',"floatValue":' + _orjson_dumps(float_value) + b"}"
+    else:
+        tail = b',"floatValue":' + float.__repr__(float_value).encode() + b"}"
+    # format_received_at, inline: the date and time are formatted once per second.
+    seconds = int(received_at)
+    millis = int((received_at - seconds) * 1000)
+    last, _, text = _last_second
+    if seconds == last:  # a second of 1 or later (see _last_second): millis is 0 to 999
+        return b"".join((head, text, _MILLIS_BYTES[millis], opening, members, tail))
+    stamp = format_received_at(received_at).encode()
+    return b"".join((head, stamp, opening, members, tail))
 
 
 def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes:
@@ -596,8 +662,10 @@ def encode_batch(signals: Sequence[Signal], app_id: str) -> bytes:
 # The date and time part of the last second formatted, as text and as bytes: signals come in
 # bursts within a second, and gmtime + strftime cost more than the rest of the formatting. A
 # tuple, so that a reader in another thread never sees the second of one pair with the text of
-# another.
-_last_second: tuple[int, str, bytes] = (0, "1970-01-01T00:00:00", b"1970-01-01T00:00:00")
+# another. Only seconds from 1 on are kept: a time of 1.0 or later has its milliseconds
+# (``int((t - int(t)) * 1000)``, the fraction exact) in 0 to 999, so a hit needs no range check;
+# one before it (0.5, or -0.5, which int() also rounds to second 0) is formatted each time.
+_last_second: tuple[int, str, bytes] = (1, "1970-01-01T00:00:01", b"1970-01-01T00:00:01")
 # ".000Z" to ".999Z": indexing a table is cheaper than formatting the milliseconds each time.
 _MILLIS: Final = tuple(f".{millis:03d}Z" for millis in range(1000))
 _MILLIS_BYTES: Final = tuple(text.encode() for text in _MILLIS)
@@ -611,7 +679,8 @@ def format_received_at(unix_time: float) -> str:
     cached_second, text, _ = _last_second
     if seconds != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last_second = (seconds, text, text.encode())
+        if seconds >= 1:
+            _last_second = (seconds, text, text.encode())
     if 0 <= millis < 1000:
         return text + _MILLIS[millis]
     return f"{text}.{millis:03d}Z"  # before 1970: as the reference formats it

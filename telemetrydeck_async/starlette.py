@@ -234,7 +234,8 @@ class TelemetryMiddleware:
         route_key = scope.get("route")
         if route_key is None:
             route_key = scope.get("endpoint")
-        known = self._templates.get(id(route_key)) if route_key is not None else None
+        # No route: id(None) is never a key (None outlives every route), so this finds nothing.
+        known = self._templates.get(id(route_key))
         route = known[1] if known is not None and known[0] is route_key else self._route(scope)
         method = scope.get("method", "")
         if type(method) is not str:

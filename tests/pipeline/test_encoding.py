@@ -318,6 +318,8 @@ _CLIENTS = [
         "app", base_url="http://127.0.0.1:9", default_payload={"k": 1e16}, payload_prefix="P."
     ),
     TelemetryClient("app", base_url="http://127.0.0.1:9", before_send=_hook_adds_a_float),
+    # Neither: a call's plain payload is encoded as the caller wrote it (plain_members).
+    TelemetryClient("app", base_url="http://127.0.0.1:9"),
 ]
 _keys = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8).filter(
     lambda key: not key.startswith("TelemetryDeck.") and key not in signal_module.RESERVED_KEYS
@@ -366,3 +368,115 @@ def test_checked_payloads_are_checked_once_and_encode_like_plain_ones() -> None:
         signal = client._build("App.event", "user", None, checked, 2.5, None)
         assert signal is not None
         assert signal.body == reference(signal._replace(body=None), "app")
+
+
+class _Text(str):
+    """A str subclass: equal to (and hashed like) its plain text, refused as a payload key."""
+
+    __slots__ = ()
+
+
+# Anything a caller may pass in a payload: ints past 64 bits, lone surrogates, str subclasses
+# (as keys and values), None, floats, besides the plain values the shortcut encodes as they are.
+_odd_keys = st.one_of(_keys, st.just("k"), st.text(max_size=3), st.just("k").map(_Text))
+_odd_values = st.one_of(
+    st.text(max_size=6),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3).map(_Text),
+)
+_PLAIN_CLIENT = TelemetryClient("app", base_url="http://127.0.0.1:9")
+
+
+def _plain(payload: dict[Any, Any]) -> bool:
+    """Whether the shortcut may take ``payload``: exact str keys and exact str/int/bool values
+    that need no normalising (ints within 64 bits, no lone surrogate)."""
+    return all(
+        type(key) is str
+        and (
+            (type(value) is str and signal_module.lone_surrogate(value) is None)
+            or type(value) is bool
+            or (type(value) is int and -(2**63) <= value <= 2**64 - 1)
+        )
+        for key, value in payload.items()
+    )
+
+
+@settings(max_examples=300, database=None)
+@given(payload=st.dictionaries(_odd_keys, _odd_values, max_size=4))
+def test_plain_payload_shortcut_encodes_or_refuses_as_the_full_path(
+    payload: dict[Any, Any],
+) -> None:
+    """A call's payload is encoded, or refused with the same field and reason, as normalising
+    it first would; a plain one (known keys, str/int/bool values) is encoded as it is."""
+    try:
+        expected = signal_module.normalize_payload(payload)
+    except InvalidSignalError as exc:
+        error = exc
+    else:
+        error = None
+    if error is not None:
+        for _ in range(2):  # refused each time, nothing remembered as good
+            with pytest.raises(InvalidSignalError) as refused:
+                _PLAIN_CLIENT._build("App.event", "user", None, payload, None, None)
+            assert (refused.value.field, refused.value.reason) == (error.field, error.reason)
+        return
+    # The keys are known now (normalize_payload checked them): a plain payload takes the
+    # shortcut, and the signal refers to the caller's dict rather than a copy.
+    signal = _PLAIN_CLIENT._build("App.event", "user", None, payload, None, None)
+    assert signal is not None
+    assert signal.body == reference(signal._replace(payload=expected, body=None), "app")
+    if signal_module._orjson_dumps is not None:
+        assert (signal.payload is payload) == (bool(payload) and _plain(payload))
+
+
+def test_plain_payload_shortcut_is_left_to_the_full_path_without_orjson() -> None:
+    """Without the orjson extra, a plain payload is normalised and encoded by the stdlib."""
+    payload = {"Plain.key": "v", "Plain.n": 2**64 - 1}
+    signal_module.normalize_payload(payload)  # its keys known
+    saved = signal_module._orjson_dumps
+    signal_module._orjson_dumps = None  # type: ignore[assignment]  # as if orjson were missing
+    try:
+        assert signal_module.plain_members(payload) is None
+        signal = _PLAIN_CLIENT._build("App.event", "user", None, payload, None, None)
+    finally:
+        signal_module._orjson_dumps = saved
+    assert signal is not None
+    assert signal.payload is not payload
+    assert signal.body == reference(signal._replace(body=None), "app")
+
+
+def test_batcher_events_fire_at_their_queue_lengths_and_put_total_follows() -> None:
+    """The flusher is woken when the queue stops being empty and when a batch fills; callers
+    are held back once it is full; put_total counts every signal put, taken or not."""
+    batcher = Batcher("app", 3, 1 << 20, 5)
+    signals = _queued(7)
+    batcher.wakeup.clear()
+    woken = []
+    for signal in signals[:5]:
+        assert batcher.space.is_set()
+        assert batcher.put(signal)
+        woken.append(batcher.wakeup.is_set())
+        batcher.wakeup.clear()
+    assert woken == [True, False, True, False, False]
+    assert not batcher.space.is_set()
+    assert not batcher.put(signals[5])  # full: refused, nothing appended
+    assert (batcher.put_total, batcher.taken_total, len(batcher)) == (5, 0, 5)
+    batch = batcher.take()
+    assert batch is not None
+    assert len(batch) == 3
+    assert batcher.space.is_set()
+    assert batcher.put(signals[5])
+    assert (batcher.put_total, batcher.taken_total, len(batcher)) == (6, 3, 3)
+
+
+def test_received_at_near_the_epoch_skips_the_cached_second() -> None:
+    """Times before second 1 (where int() rounds -0.5 and 0.5 to the same second) are never
+    served from the cached second: each is written as the uncached format writes it."""
+    for unix_time in (1.5, 0.5, -0.5, 0.25, -1.5, 1.999, 0.999, -0.25, 1.0, 0.0):
+        signal = Signal("T", "u", "s", False, {}, None, unix_time)
+        expected = f'"receivedAt":"{reference_time(unix_time)}"'.encode()
+        assert expected in encode_signal(signal, "app")
+        assert format_received_at(unix_time) == reference_time(unix_time)
