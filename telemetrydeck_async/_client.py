@@ -1088,11 +1088,7 @@ class TelemetryClient(Presets):
         its signal back and is told: every call that returns is in the books.
         """
         loop = self._loop
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or running is loop:
+        if loop is None or _running_loop() is loop:
             self._enqueue(signal)
             return
         flusher = self._flusher

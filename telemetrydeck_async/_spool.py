@@ -1959,8 +1959,9 @@ class _Job(Generic[_T]):
     append: tuple[Sequence[SpoolRecord], str | None] | None = None
     # Reads only (status): may run in a read transaction, which works on a full disk.
     readonly: bool = False
-    # Set for acks (the record ids): a failed transaction keeps them to delete again later.
-    acks: Sequence[int] | None = None
+    # Write-behind work (ack, release) nobody awaits: a failed transaction keeps it to run
+    # again later instead of losing it.
+    again: bool = False
     # Handed over without an await (Spool.hand_over): until the worker takes it (``taken``),
     # the caller may take it back (``withdrawn``); both under the worker's lock. ``done`` is
     # set, and ``outcome`` holds the result, once the worker has run it: an exit without an
@@ -2032,10 +2033,10 @@ class _Worker:
         self.queue: queue.SimpleQueue[_Job[Any] | _Stop] = queue.SimpleQueue()
         # Jobs taken off the queue that did not fit in the last transaction: they go first.
         self.backlog: collections.deque[_Job[Any] | _Stop] = collections.deque()
-        # Ids of delivered records whose ack failed (a full disk): deleted again with the next
-        # write, at the next idle checkpoint, and at close. Else a delivered record stays on
-        # disk, and the next process to open the spool sends it a second time.
-        self.unacked: list[int] = []
+        # Write-behind jobs whose transaction failed (a full disk): run again with the next
+        # write, at the next idle checkpoint, and at close. Else an ack is lost, a delivered
+        # record stays on disk, and the next process to open the spool sends it a second time.
+        self.retry: list[_Job[Any]] = []
         self.lock = threading.Lock()
         self.accepting = True
         self.disabled = False
@@ -2180,8 +2181,8 @@ class _Worker:
             items = self._next_items()
         except queue.Empty:
             store.checkpoint(force=True)  # idle: a good moment to move the WAL into the file
-            if self.unacked:
-                self._run_jobs([self._ack_again()])
+            if self.retry:
+                self._run_jobs(self._take_retry())
             return None
         # A _Stop is always the last item: stop() refuses new jobs before queueing it.
         last = items[-1]
@@ -2192,17 +2193,17 @@ class _Worker:
                 jobs = [job for job in jobs if not job.withdrawn]
                 for job in jobs:
                     job.taken = True
-        if self.unacked and any(not job.readonly for job in jobs):
-            jobs.insert(0, self._ack_again())  # rides on the next write's transaction
+        if self.retry and any(not job.readonly for job in jobs):
+            jobs[:0] = self._take_retry()  # rides on the next write's transaction
         if jobs:
             self._run_jobs(jobs)
         store.checkpoint()
         return stop
 
-    def _ack_again(self) -> _Job[None]:
-        """A job that deletes the records whose ack failed (taken off ``unacked``)."""
-        ids, self.unacked = self.unacked, []
-        return _Job(lambda store: store.ack(ids), None, acks=ids)
+    def _take_retry(self) -> list[_Job[Any]]:
+        """The write-behind jobs that failed, to run again (a new failure keeps them again)."""
+        jobs, self.retry = self.retry, []
+        return jobs
 
     def _run_jobs(self, jobs: list[_Job[Any]]) -> None:
         # Skip jobs whose caller was already cancelled (a racy read of a bool, harmless both
@@ -2235,9 +2236,7 @@ class _Worker:
             return
         except Exception as exc:
             self._failed(exc)
-            for job in jobs:
-                if job.acks:
-                    self.unacked.extend(job.acks)
+            self.retry.extend(job for job in jobs if job.again)
             results = [job.fallback for job in jobs]
             readers = [i for i, job in enumerate(jobs) if job.readonly]
             if readers and store.conn is not None:
@@ -2369,9 +2368,10 @@ class _Worker:
         store = self.store
         try:
             if stop is not None and not stop.crash and store.conn is not None:
-                if self.unacked:  # the last chance: else the next process sends them again
+                if self.retry:  # the last chance: else the next process sends them again
                     with contextlib.suppress(sqlite3.Error), store.transaction():
-                        store.ack(self.unacked)
+                        for job in self._take_retry():
+                            job.run(store)
                 with store.transaction():
                     store.close_owner()
         except Exception as exc:
@@ -2707,8 +2707,8 @@ class Spool:
         """
         self._check_process()
         batch = list(ids)
-        if batch and not self._closed and not self._worker.disabled:
-            self._worker.submit(_Job(lambda store: store.ack(batch), None, acks=batch))
+        if batch:
+            self._queue(lambda store: store.ack(batch))
 
     async def release(self, ids: Iterable[int]) -> None:
         """Give records back (pending again). Ids this process does not own are ignored.
@@ -2721,9 +2721,10 @@ class Spool:
             self._queue(lambda store: store.release(batch))
 
     def _queue(self, run: Callable[[_Store], None]) -> None:
-        """Queue work nobody waits for (a failure is logged by the thread, like any other)."""
+        """Queue work nobody waits for: a failure is logged by the thread, like any other,
+        and the work is run again later (see ``_Worker.retry``)."""
         if not self._closed and not self._worker.disabled:
-            self._worker.submit(_Job(run, None))
+            self._worker.submit(_Job(run, None, again=True))
 
     async def barrier(self) -> None:
         """Wait until the work queued before this call (``ack``, ``release``) is committed."""

@@ -255,34 +255,29 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 async def test_an_ack_that_fails_on_a_full_disk_is_made_again(small_disk: Path) -> None:
     """Delivered records whose ack failed are deleted later: never sent twice by a next process."""
     spool = await open_spool(small_disk)
-    junk: Path | None = None
-    try:
-        records = [SpoolRecord(1_800_000_000.0 + i, b'{"n":%d}' % i) for i in range(200)]
-        assert len((await spool.append(records)).ids) == 200
+
+    async def ack_on_a_full_disk(held: int) -> None:
         claimed = await spool.claim(100)
         assert len(claimed.records) == 100
         await spool.barrier()
         junk = fill_up(small_disk.parent)
-        await spool.ack([record_id for record_id, _ in claimed.records])
-        await spool.barrier()
-        # The delete needs room in the WAL, and there is none: the records are still there.
-        assert (await spool.status()).records == 200
-        junk.unlink()
-        junk = None
+        try:
+            await spool.ack([record_id for record_id, _ in claimed.records])
+            await spool.barrier()
+            # The delete needs room in the WAL, and there is none: the records are still there.
+            assert (await spool.status()).records == held
+        finally:
+            junk.unlink()
+
+    try:
+        records = [SpoolRecord(1_800_000_000.0 + i, b'{"n":%d}' % i) for i in range(200)]
+        assert len((await spool.append(records)).ids) == 200
+        await ack_on_a_full_disk(200)
         await spool.barrier()  # the next write transaction takes the failed ack with it
         assert (await spool.status()).records == 100
-        again = await spool.claim(100)
-        assert len(again.records) == 100
-        junk = fill_up(small_disk.parent)
-        await spool.ack([record_id for record_id, _ in again.records])
-        await spool.barrier()
-        assert (await spool.status()).records == 100
-        junk.unlink()
-        junk = None
+        await ack_on_a_full_disk(100)
     finally:
         await spool.close()  # the close makes the failed ack once more
-        if junk is not None:
-            junk.unlink()
     reopened = await open_spool(small_disk)
     try:
         assert (await reopened.status()).records == 0
